@@ -1,0 +1,115 @@
+"""Input-pipeline throughput on a synthetic on-disk dataset.
+
+  python benchmarks/input_pipeline.py [--clips 512] [--batch 32] [--batches 40]
+
+Builds `clips` clips (10 JPEG frames of 224x224 smooth random images, a
+1024x128 fbank, 1-3 labels of 527) in a temp dir, then measures samples/s of
+the pretraining, finetuning and eval iterators for several worker_count settings
+(image_size 224, audio_frames 1024). The first batches (start-up) are excluded.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from avsiam_jax.data import pipeline  # noqa: E402
+from avsiam_jax.data import records  # noqa: E402
+
+NUM_CLASSES = 527
+
+
+def _frame(rng: np.random.Generator) -> bytes:
+  # Smooth content + mild noise: JPEG sizes close to real video frames (~15-30 KB).
+  low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+  img = Image.fromarray(low).resize((224, 224), Image.BICUBIC)
+  arr = np.asarray(img, np.int16) + rng.integers(-8, 9, (224, 224, 3))
+  buf = io.BytesIO()
+  Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+  return buf.getvalue()
+
+
+def build_dataset(path: str, clips: int, shards: int = 4, seed: int = 0) -> float:
+  """Writes the synthetic dataset; returns its mean record size in KB."""
+  rng = np.random.default_rng(seed)
+  frames_pool = [_frame(rng) for _ in range(50)]  # reuse frames: building stays quick
+  names, total, example_labels = [], 0, []
+  per = -(-clips // shards)
+  for s in range(shards):
+    examples = []
+    for i in range(s * per, min(clips, (s + 1) * per)):
+      frames = [frames_pool[j] for j in rng.integers(0, len(frames_pool), 10)]
+      fbank = rng.normal(-5.0, 4.5, (1024, 128)).astype(np.float16)
+      labels = rng.choice(NUM_CLASSES, rng.integers(1, 4), replace=False).astype(np.int32)
+      examples.append(dict(id=f"clip{i:05d}", frames=frames, fbank=fbank, labels=labels))
+      example_labels.append(labels.tolist())
+      total += sum(map(len, frames)) + fbank.nbytes
+    name = records.shard_name("train", s, shards)
+    records.write_shard(os.path.join(path, name), examples)
+    names.append(name)
+  records.write_info(path, dict(label_names=[f"class{c}" for c in range(NUM_CLASSES)],
+                                splits={"train": dict(shards=names, num_examples=clips,
+                                                      example_labels=example_labels)}))
+  return total / clips / 1024
+
+
+def measure(make, batch: int, batches: int, warmup: int) -> float:
+  it = make()
+  for _ in range(warmup):
+    next(it)
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  dt = time.perf_counter() - t0
+  it.close()
+  return batches * batch / dt
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--clips", type=int, default=512)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--batches", type=int, default=40)
+  parser.add_argument("--warmup", type=int, default=4)
+  parser.add_argument("--workers", type=str, default="0,1,2")
+  args = parser.parse_args()
+  workers = [int(w) for w in args.workers.split(",")]
+  with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    kb = build_dataset(tmp, args.clips)
+    print(f"dataset: {args.clips} clips, {kb:.0f} KB/clip, built in "
+          f"{time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs; batch {args.batch}; "
+          f"load average before: {os.getloadavg()[0]:.1f} (other work skews the numbers)")
+    rows = []
+    for name, make_fn, extra in [
+        ("pretrain", pipeline.make_pretrain_iterator, {}),
+        ("finetune", pipeline.make_finetune_iterator, {}),
+        ("finetune balanced", pipeline.make_finetune_iterator, {"balanced": True}),
+    ]:
+      for w in workers:
+        make = lambda: make_fn(tmp, "train", batch_size=args.batch, worker_count=w, **extra)  # noqa: E731
+        rows.append((name, w, measure(make, args.batch, args.batches, args.warmup)))
+        print(f"  {name:18s} worker_count={w}: {rows[-1][2]:7.1f} samples/s", flush=True)
+    for w in workers:
+      make = lambda: pipeline.make_eval_iterator(tmp, "train", batch_size=args.batch,  # noqa: E731
+                                                 worker_count=w)
+      batches = min(args.batches, args.clips // args.batch - args.warmup)
+      rows.append(("eval (10 frames)", w, measure(make, args.batch, batches, args.warmup)))
+      print(f"  {'eval (10 frames)':18s} worker_count={w}: {rows[-1][2]:7.1f} samples/s", flush=True)
+    print()
+    print("| pipeline | worker_count | samples/s |")
+    print("|---|---|---|")
+    for name, w, sps in rows:
+      print(f"| {name} | {w} | {sps:.0f} |")
+
+
+if __name__ == "__main__":
+  main()
