@@ -15,8 +15,6 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 FBANK_MEAN = -5.081
@@ -156,8 +154,10 @@ def fbank(waveform, sample_rate=SAMPLE_RATE, num_mel_bins=NUM_MEL_BINS) -> np.nd
     return np.log(np.maximum(mel, np.float32(_LOG_FLOOR))).astype(np.float32, copy=False)
 
 
-@functools.partial(jax.jit, static_argnames=("sample_rate", "num_mel_bins"))
-def _fbank_jax(waveforms, sample_rate, num_mel_bins):
+def _fbank_jax_impl(waveforms, sample_rate, num_mel_bins):
+    import jax  # here, not at the top: data_prep workers use the numpy path without jax
+    import jax.numpy as jnp
+
     s = _setup(sample_rate, num_mel_bins)
     t = _num_frames(waveforms.shape[1], s)
     x = waveforms.astype(jnp.float32)
@@ -174,12 +174,21 @@ def _fbank_jax(waveforms, sample_rate, num_mel_bins):
     return jnp.log(jnp.maximum(mel, _LOG_FLOOR))
 
 
-def fbank_jax(waveforms, sample_rate=SAMPLE_RATE, num_mel_bins=NUM_MEL_BINS) -> jax.Array:
+@functools.cache
+def _fbank_jax_jitted():
+    import jax
+
+    return jax.jit(_fbank_jax_impl, static_argnames=("sample_rate", "num_mel_bins"))
+
+
+def fbank_jax(waveforms, sample_rate=SAMPLE_RATE, num_mel_bins=NUM_MEL_BINS):
     """Batched, jitted fbank: (B, N) float waveforms in [-1, 1] -> (B, T, num_mel_bins) float32.
 
     Each row's mean is removed inside. Shapes are checked at trace time; non-finite
     values are not checked (they would need a host sync) and propagate as NaN.
     """
+    import jax.numpy as jnp
+
     s = _setup(sample_rate, num_mel_bins)
     if not hasattr(waveforms, "dtype"):
         waveforms = np.asarray(waveforms)
@@ -195,7 +204,7 @@ def fbank_jax(waveforms, sample_rate=SAMPLE_RATE, num_mel_bins=NUM_MEL_BINS) -> 
             f"waveforms too short: {shape[1]} samples, need at least one 25 ms window "
             f"({s.window_size} samples at sample_rate {sample_rate})"
         )
-    return _fbank_jax(waveforms, sample_rate=sample_rate, num_mel_bins=num_mel_bins)
+    return _fbank_jax_jitted()(waveforms, sample_rate=sample_rate, num_mel_bins=num_mel_bins)
 
 
 def pad_or_cut(fbank, num_frames=1024) -> np.ndarray:
