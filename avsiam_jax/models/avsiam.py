@@ -1,0 +1,149 @@
+"""AVSiam pretraining model: shared encoder, two multimodal blocks, MAE decoder.
+
+Contrastive branch: audio and video go through the shared encoder under multi-ratio masking and
+are mean-pooled. Reconstruction branch: a separate pass at a high mask ratio; the kept tokens of
+both modalities run through the joint (multimodal) blocks and the decoder predicts the masked
+patches.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from avsiam_jax import losses, masking
+from avsiam_jax.models import layers
+from avsiam_jax.models.vit import Encoder, EncoderSpec, resize_posemb
+
+
+@dataclasses.dataclass(frozen=True)
+class AVSiamSpec:
+  encoder: EncoderSpec
+  mm_depth: int = 2
+  decoder_width: int = 512
+  decoder_depth: int = 8
+  decoder_heads: int = 16
+  decoder_norm_eps: float = 1e-6
+
+
+MODALITIES = ("a", "v")
+
+
+class AVSiam(nnx.Module):
+
+  def __init__(self, spec: AVSiamSpec, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    enc = spec.encoder
+    d, dw = enc.width, spec.decoder_width
+    if spec.mm_depth > enc.depth:
+      raise ValueError(f"mm_depth {spec.mm_depth} exceeds encoder depth {enc.depth}")
+    self.spec = spec
+    self.dtype = dtype
+    self.encoder = Encoder(enc, rngs=rngs, dtype=dtype)
+    self.mm_blocks = nnx.List([
+        layers.Block(d, enc.heads, enc.mlp, streams=("x",), eps=enc.block_norm_eps, rngs=rngs,
+                     dtype=dtype) for _ in range(spec.mm_depth)])
+    self.mm_norm = layers.LayerNorm(d, eps=enc.final_norm_eps, rngs=rngs, dtype=dtype)
+    self.init_multimodal_from_encoder()
+
+    # Decoder: fresh parameters.
+    self.decoder_embed = layers.Dense(d, dw, axes=("embed", None), rngs=rngs, dtype=dtype)
+    normal = nnx.initializers.normal(0.02)
+    self.mask_token = layers.param(rngs, normal, (dw,), (None,))
+    self.decoder_posemb = nnx.Dict({
+        "a": layers.param(rngs, normal, (enc.num_audio_tokens, dw), (None, None)),
+        "v": layers.param(rngs, normal, (enc.num_video_tokens, dw), (None, None))})
+    self.modality_token = nnx.Dict({
+        m: layers.param(rngs, layers.zeros, (dw,), (None,)) for m in MODALITIES})
+    self.decoder_blocks = nnx.List([
+        layers.Block(dw, spec.decoder_heads, 4 * dw, streams=("x",), eps=spec.decoder_norm_eps,
+                     rngs=rngs, dtype=dtype) for _ in range(spec.decoder_depth)])
+    self.decoder_norm = layers.LayerNorm(dw, eps=spec.decoder_norm_eps, rngs=rngs, dtype=dtype)
+    p = enc.patch
+    self.decoder_pred = nnx.Dict({
+        "a": layers.Dense(dw, p * p, axes=(None, None), rngs=rngs, dtype=dtype),
+        "v": layers.Dense(dw, p * p * 3, axes=(None, None), rngs=rngs, dtype=dtype)})
+
+  def init_multimodal_from_encoder(self) -> None:
+    """Multimodal blocks start as copies of the encoder's last blocks (video-stream norms)."""
+    enc_blocks = self.encoder.blocks[len(self.encoder.blocks) - len(self.mm_blocks):]
+    v = self.spec.encoder.stream("v")
+    for mm, src in zip(self.mm_blocks, enc_blocks):
+      nnx.update(mm.attn, nnx.state(src.attn))
+      nnx.update(mm.mlp, nnx.state(src.mlp))
+      nnx.update(mm.norm1["x"], nnx.state(src.norm1[v]))
+      nnx.update(mm.norm2["x"], nnx.state(src.norm2[v]))
+
+  def reset_audio_posemb(self) -> None:
+    """Audio posemb as the configured resize of the video posemb (after loading image weights)."""
+    e = self.encoder
+    e.audio_posemb[...] = resize_posemb(e.video_posemb[...], e.spec.video_grid,
+                                        e.spec.audio_grid, e.spec.audio_posemb_init)
+
+  # ----- contrastive branch ---------------------------------------------------------------
+
+  def features(self, x, modality: str):
+    """Unmasked mean-pooled features (B, D), float32."""
+    return self.encoder(x, modality).astype(jnp.float32).mean(axis=1)
+
+  def multi_ratio_features(self, x, modality: str, key, ratios: Sequence[float],
+                           batch_shards: int):
+    """Mean-pooled features (B, D) with each ratio group masked at its own ratio."""
+    enc = self.encoder
+    tokens = enc.embed(enc.patches(x, modality), modality)
+    n = tokens.shape[1]
+    key_perm, key_mask = jax.random.split(key)
+    perm = masking.group_permutation(key_perm, tokens.shape[0], len(ratios), batch_shards)
+    pooled = []
+    for k, ratio in enumerate(ratios):
+      group = masking.take_group(tokens, perm, k)
+      keep = masking.kept_count(n, ratio)
+      if keep < n:
+        group, _, _ = masking.random_keep(jax.random.fold_in(key_mask, k), group, keep)
+      pooled.append(enc.encode_tokens(group, modality).astype(jnp.float32).mean(axis=1))
+    return masking.untake_groups(pooled, perm)
+
+  # ----- reconstruction branch ------------------------------------------------------------
+
+  def reconstruction_loss(self, audio, video, key, *, mask_ratio: float, stop_gradient: bool):
+    """Masked-patch MSE, audio + video, from one pass at `mask_ratio`."""
+    enc = self.encoder
+    inputs = {"a": audio, "v": video}
+    kept, restore, targets, n_keep = {}, {}, {}, {}
+    for i, m in enumerate(MODALITIES):
+      patches = enc.patches(inputs[m], m)
+      targets[m] = patches.astype(jnp.float32)
+      n_keep[m] = masking.kept_count(patches.shape[1], mask_ratio)
+      tokens = enc.embed(patches, m)
+      tokens, _, restore[m] = masking.random_keep(jax.random.fold_in(key, i), tokens, n_keep[m])
+      kept[m] = enc.encode_tokens(tokens, m)
+    x = jnp.concatenate([kept["a"], kept["v"]], axis=1)
+    if stop_gradient:
+      # The paper stops the reconstruction gradient before the multimodal layers.
+      x = jax.lax.stop_gradient(x)
+    for block in self.mm_blocks:
+      x = block(x, "x")
+    x = self.decoder_embed(self.mm_norm(x))
+
+    parts, split = [], n_keep["a"]
+    for m, kept_m in zip(MODALITIES, (x[:, :split], x[:, split:])):
+      b, n = restore[m].shape
+      full = jnp.concatenate(
+          [kept_m, jnp.broadcast_to(self.mask_token[...].astype(x.dtype),
+                                    (b, n - n_keep[m], x.shape[-1]))], axis=1)
+      full = jnp.take_along_axis(full, restore[m][..., None], axis=1)
+      parts.append(full + (self.decoder_posemb[m][...] + self.modality_token[m][...]).astype(x.dtype))
+    y = jnp.concatenate(parts, axis=1)
+    for block in self.decoder_blocks:
+      y = block(y, "x")
+    y = self.decoder_norm(y)
+
+    loss, offset = 0.0, 0
+    for m in MODALITIES:
+      n = restore[m].shape[1]
+      pred = self.decoder_pred[m](y[:, offset:offset + n])
+      offset += n
+      loss += losses.masked_mse(pred, targets[m], masking.masked_positions(restore[m], n_keep[m]))
+    return loss

@@ -1,0 +1,101 @@
+"""Small NNX layers with logical-axis annotations and an explicit compute dtype.
+
+Parameters are float32 and carry logical axis names (`embed`, `mlp`, `heads`, ...); the mesh
+rules in the config map those names to mesh axes, so no model code mentions devices.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype
+
+xavier = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+def param(rngs: nnx.Rngs, init, shape, axes) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 whatever the compute dtype (bf16 variance is too coarse)."""
+
+  def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+    self.scale = param(rngs, ones, (dim,), ("embed",))
+    self.bias = param(rngs, zeros, (dim,), ("embed",))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class Dense(nnx.Module):
+  def __init__(self, din: int, dout: int, *, axes: tuple, rngs: nnx.Rngs,
+               dtype: Dtype = jnp.float32, kernel_init=xavier):
+    self.kernel = param(rngs, kernel_init, (din, dout), axes)
+    self.bias = param(rngs, zeros, (dout,), axes[1:])
+    self.dtype = dtype
+
+  def __call__(self, x):
+    return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention; q/k/v kernels kept as (D, 3, heads, head_dim) so heads shard."""
+
+  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+    if dim % heads:
+      raise ValueError(f"width {dim} is not divisible by {heads} heads")
+    hd = dim // heads
+    # Xavier over the fused (D, 3D) matrix, as timm/vit_jax initialize it.
+    qkv = xavier(rngs.params(), (dim, 3 * dim), jnp.float32).reshape(dim, 3, heads, hd)
+    self.qkv = nnx.Param(qkv, logical_axes=("embed", None, "heads", "head_dim"))
+    self.qkv_bias = param(rngs, zeros, (3, heads, hd), (None, "heads", "head_dim"))
+    out = xavier(rngs.params(), (dim, dim), jnp.float32).reshape(heads, hd, dim)
+    self.out = nnx.Param(out, logical_axes=("heads", "head_dim", "embed"))
+    self.out_bias = param(rngs, zeros, (dim,), ("embed",))
+    self.dtype = dtype
+
+  def __call__(self, x_BxLxD):
+    dt = self.dtype
+    qkv = jnp.einsum("bld,dthk->tblhk", x_BxLxD.astype(dt), self.qkv[...].astype(dt))
+    qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+    y = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2])
+    return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+    self.fc1 = Dense(dim, hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
+    self.fc2 = Dense(hidden, dim, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x):
+    # Exact (erf) GELU, as the pretrained ViTs were trained with.
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block whose LayerNorms may differ per input stream.
+
+  `streams` names the norm sets, e.g. ("a", "v") for per-modality norms in the shared encoder
+  or ("x",) for a single set; attention and MLP weights are always shared.
+  """
+
+  def __init__(self, dim: int, heads: int, mlp: int, *, streams: tuple[str, ...], eps: float,
+               rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+    self.norm1 = nnx.Dict({s: LayerNorm(dim, eps=eps, rngs=rngs, dtype=dtype) for s in streams})
+    self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype)
+    self.norm2 = nnx.Dict({s: LayerNorm(dim, eps=eps, rngs=rngs, dtype=dtype) for s in streams})
+    self.mlp = Mlp(dim, mlp, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x, stream: str):
+    x = x + self.attn(self.norm1[stream](x))
+    return x + self.mlp(self.norm2[stream](x))

@@ -1,0 +1,43 @@
+"""Losses against float64 numpy re-computations."""
+import numpy as np
+import jax.numpy as jnp
+
+from avsiam_jax import losses
+
+
+def _np_contrastive(a, v, tau):
+  a = a / np.linalg.norm(a, axis=1, keepdims=True)
+  v = v / np.linalg.norm(v, axis=1, keepdims=True)
+  s = a @ v.T / tau
+  def ce(logits):  # rows are queries; the match is on the diagonal
+    m = logits.max(1, keepdims=True)
+    logp = logits - m - np.log(np.exp(logits - m).sum(1, keepdims=True))
+    return -np.mean(np.diag(logp))
+  return (ce(s) + ce(s.T)) / 2
+
+
+def test_contrastive_matches_float64():
+  rng = np.random.default_rng(0)
+  a, v = rng.normal(size=(2, 24, 16))
+  v = v + 2 * a  # some signal so the loss is far from log(B)
+  got = float(losses.contrastive_loss(jnp.asarray(a, jnp.float32), jnp.asarray(v, jnp.float32), 0.05))
+  want = _np_contrastive(a, v, 0.05)
+  assert abs(got - want) < 1e-4 * max(1, abs(want))
+
+
+def test_contrastive_is_symmetric_and_scale_invariant():
+  rng = np.random.default_rng(1)
+  a, v = (jnp.asarray(x, jnp.float32) for x in rng.normal(size=(2, 8, 4)))
+  np.testing.assert_allclose(losses.contrastive_loss(a, v, 0.1), losses.contrastive_loss(v, a, 0.1),
+                             rtol=1e-6)
+  np.testing.assert_allclose(losses.contrastive_loss(3 * a, v, 0.1),
+                             losses.contrastive_loss(a, v, 0.1), rtol=1e-5)
+
+
+def test_masked_mse_only_counts_masked_patches():
+  rng = np.random.default_rng(2)
+  pred, target = rng.normal(size=(2, 3, 5, 4))
+  mask = (rng.uniform(size=(3, 5)) > 0.5).astype(np.float32)
+  want = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+  got = losses.masked_mse(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))
+  np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -1,0 +1,124 @@
+"""Model shapes for every variant (abstractly) and the audio/video input paths."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from avsiam_jax.models import vit
+from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
+
+# variant -> (timm ViT parameters without head, audio tokens, video tokens)
+EXPECTED = {"B/16": (85_798_656, 512, 196), "L/16": (303_301_632, 512, 196),
+            "H/14": (630_764_800, 657, 256)}
+
+
+@pytest.mark.parametrize("variant", ["test", "tiny", "Ti/16", "S/16", "B/16", "L/16", "H/14"])
+def test_shapes_abstract(variant):
+  spec = AVSiamSpec(vit.encoder_spec(variant))
+  model = nnx.eval_shape(lambda: AVSiam(spec, rngs=nnx.Rngs(0)))
+  enc = spec.encoder
+  audio = jax.ShapeDtypeStruct((2, 1024, 128), jnp.float32)
+  video = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+  graphdef, state = nnx.split(model)
+  def run(state, a, v):
+    m = nnx.merge(graphdef, state)
+    return (m.encoder(a, "a"), m.encoder(v, "v"), m.features(a, "a"),
+            m.reconstruction_loss(a, v, jax.random.key(0), mask_ratio=0.75, stop_gradient=True))
+  ta, tv, fa, rec = jax.eval_shape(run, state, audio, video)
+  assert ta.shape == (2, enc.num_audio_tokens, enc.width)
+  assert tv.shape == (2, enc.num_video_tokens, enc.width)
+  assert fa.shape == (2, enc.width) and rec.shape == ()
+  if variant in EXPECTED:
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model.encoder, nnx.Param)))
+    timm_count, na, nv = EXPECTED[variant]
+    # Independent count: ViT without CLS/head = patch + posemb + blocks + final norm.
+    d, depth, mlp = enc.width, enc.depth, enc.mlp
+    block = 4 * d * d + 4 * d + 2 * d * mlp + mlp + d + 2 * 2 * 2 * d  # attn, mlp, 2x2 norms
+    analytic = enc.patch ** 2 * 3 * d + d + (nv + na) * d + depth * block + 2 * 2 * d
+    assert n == analytic
+    # timm's count less CLS token and its posemb, plus the audio posemb and the second set of
+    # per-modality norms.
+    d = enc.width
+    assert n == timm_count - 2 * d + na * d + depth * 2 * 2 * d + 2 * d
+    assert (enc.num_audio_tokens, enc.num_video_tokens) == (na, nv)
+
+
+def test_audio_tokens_are_frequency_major():
+  spec = vit.encoder_spec("test", audio_frames=64, mel_bins=32)  # grid (2, 4)
+  fbank = np.arange(64 * 32, dtype=np.float32).reshape(1, 64, 32)  # (T, F)
+  patches = np.asarray(vit.patchify_audio(jnp.asarray(fbank), spec))
+  assert patches.shape == (1, 8, 256)
+  img = fbank[0].T  # (F, T)
+  for token in range(8):
+    f, t = divmod(token, 4)
+    np.testing.assert_array_equal(patches[0, token], img[16 * f:16 * f + 16, 16 * t:16 * t + 16].ravel())
+
+
+@pytest.mark.parametrize("mode,grid", [("floor", (9, 73)), ("pad", (10, 74))])
+def test_h14_audio_patchification(mode, grid):
+  spec = vit.encoder_spec("H/14", audio_patch_mode=mode)
+  assert spec.audio_grid == grid
+  fbank = np.random.default_rng(0).normal(size=(1, 1024, 128)).astype(np.float32)
+  patches = np.asarray(vit.patchify_audio(jnp.asarray(fbank), spec))
+  assert patches.shape == (1, grid[0] * grid[1], 14 * 14)
+  img = fbank[0].T
+  if mode == "pad":
+    img = np.pad(img, ((0, 140 - 128), (0, 1036 - 1024)))
+  # The last token covers the bottom-right corner that is kept (floor) or zero-padded (pad).
+  f, t = grid[0] - 1, grid[1] - 1
+  np.testing.assert_array_equal(patches[0, -1], img[14 * f:14 * f + 14, 14 * t:14 * t + 14].ravel())
+  if mode == "pad":
+    assert np.all(patches[0, -1].reshape(14, 14)[128 - 14 * f:] == 0)
+
+
+def test_bad_audio_patch_mode():
+  with pytest.raises(ValueError, match="audio_patch_mode"):
+    vit.encoder_spec("H/14", audio_patch_mode="crop").audio_grid
+
+
+def test_audio_patch_kernel_is_rgb_mean():
+  spec = AVSiamSpec(vit.encoder_spec("test", image_size=32, audio_frames=32, mel_bins=32),
+                    decoder_width=16, decoder_depth=1, decoder_heads=2)
+  model = AVSiam(spec, rngs=nnx.Rngs(0))
+  k = np.asarray(model.encoder.patch_kernel[...])  # (p, p, 3, D)
+  np.testing.assert_allclose(np.asarray(model.encoder.patch_kernel_for("a")),
+                             k.mean(axis=2).reshape(-1, k.shape[-1]), rtol=1e-6)
+  # A grey audio patch through the mean kernel equals a grey RGB patch through the RGB kernel.
+  grey = np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
+  rgb = np.repeat(grey[..., None], 3, axis=-1).reshape(-1)
+  np.testing.assert_allclose(grey.reshape(-1) @ np.asarray(model.encoder.patch_kernel_for("a")),
+                             rgb @ k.reshape(-1, k.shape[-1]) / 3, rtol=1e-4, atol=1e-5)
+
+
+def test_audio_posemb_resize():
+  src = np.random.default_rng(0).normal(size=(196, 8)).astype(np.float32)
+  out = np.asarray(vit.resize_posemb(src, (14, 14), (8, 64), "nearest1d"))
+  np.testing.assert_array_equal(out, src[[p * 196 // 512 for p in range(512)]])
+  out2 = np.asarray(vit.resize_posemb(src, (14, 14), (8, 64), "bilinear2d"))
+  assert out2.shape == (512, 8)
+  # Bilinear of a constant grid is that constant.
+  const = np.ones((196, 8), np.float32)
+  np.testing.assert_allclose(vit.resize_posemb(const, (14, 14), (8, 64), "bilinear2d"), 1, rtol=1e-6)
+
+
+def test_multimodal_blocks_start_as_last_encoder_blocks():
+  spec = AVSiamSpec(vit.encoder_spec("test", image_size=32, audio_frames=32, mel_bins=32),
+                    decoder_width=16, decoder_depth=1, decoder_heads=2)
+  model = AVSiam(spec, rngs=nnx.Rngs(0))
+  for mm, src in zip(model.mm_blocks, model.encoder.blocks[-2:]):
+    np.testing.assert_array_equal(mm.attn.qkv[...], src.attn.qkv[...])
+    np.testing.assert_array_equal(mm.mlp.fc2.kernel[...], src.mlp.fc2.kernel[...])
+  # Copies, not aliases: changing one leaves the other.
+  model.mm_blocks[0].attn.qkv[...] = model.mm_blocks[0].attn.qkv[...] + 1
+  assert not np.allclose(model.mm_blocks[0].attn.qkv[...], model.encoder.blocks[-2].attn.qkv[...])
+
+
+def test_token_doubling_switch():
+  kw = dict(image_size=32, audio_frames=32, mel_bins=32)
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  outs = []
+  for double in (False, True):
+    enc = vit.Encoder(vit.encoder_spec("test", double_tokens=double, **kw), rngs=nnx.Rngs(0))
+    outs.append(np.asarray(enc.embed(enc.patches(jnp.asarray(x), "v"), "v")))
+  np.testing.assert_allclose(outs[1], 2 * outs[0], rtol=1e-6)
