@@ -1,0 +1,158 @@
+"""Trainer: the loss goes down, sharding does not change the numbers, checkpoints resume exactly."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from avsiam_jax import checkpoint, sharding, train
+from configs import demo as demo_config
+
+
+def tiny_config(batch=40):
+  """The demo config at test size; 40 clips split into 5 ratio groups on 8 virtual devices."""
+  c = demo_config.get_config()
+  c.model.variant = "test"
+  c.model.image_size = 32
+  c.model.audio_frames = 32
+  c.model.decoder_width = 16
+  c.model.decoder_depth = 1
+  c.model.decoder_heads = 2
+  c.batch_size = batch
+  c.total_steps = 20
+  c.optim.lr = 1e-3
+  c.eval.batch_size = 16
+  return c
+
+
+def fixed_batch(batch, seed=0):
+  """Per-clip levels shared by audio and video plus a little noise: learnable by both losses."""
+  rng = np.random.default_rng(seed)
+  level = rng.normal(size=(batch, 1, 1))
+  audio = level + 0.1 * rng.normal(size=(batch, 32, 128))
+  video = level[..., None] * np.array([1.0, -0.5, 0.3]) + 0.1 * rng.normal(size=(batch, 32, 32, 3))
+  return {"audio": audio.astype(np.float32), "video": video.astype(np.float32)}
+
+
+def run_steps(config, mesh, n, batch):
+  fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
+  state = fns.init(jax.random.key(0))
+  metrics = []
+  for _ in range(n):
+    state, m = fns.step(state, sharding.global_batch(batch, mesh), jax.random.key(1))
+    metrics.append(jax.device_get(m))
+  return state, metrics
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_steps_on_a_fixed_batch_lower_the_loss(separate):
+  config = tiny_config(batch=10)
+  config.pretrain.separate_optimizers = separate
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  _, metrics = run_steps(config, mesh, 12, fixed_batch(10))
+  for name in ("contrastive", "reconstruction"):
+    first, last = metrics[0][name], np.mean([m[name] for m in metrics[-3:]])
+    assert last < 0.9 * first, (name, first, last)
+
+
+def loss_and_grads(config, mesh, batch):
+  fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
+  params = fns.init(jax.random.key(0))["params"]
+  def loss_fn(params, batch):
+    return train.pretrain_losses(params, fns.graphdef, batch, jax.random.key(1), config,
+                                 fns.batch_shards, "total")[0]
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, sharding.global_batch(batch, mesh))
+  return loss, grads
+
+
+def test_eight_devices_match_one_device():
+  assert jax.device_count() >= 8
+  config = tiny_config(batch=24)
+  config.pretrain.mask_ratios = (0.0, 0.2, 0.6)  # three groups keep the compile short
+  config.mesh.batch_shards = 8  # the same masking layout on both meshes
+  batch = fixed_batch(24)
+  one, eight = (sharding.make_mesh(config.mesh, jax.devices()[:n]) for n in (1, 8))
+  # Two full steps: the losses agree (the second one after a sharded optimizer update).
+  state1, m1 = run_steps(config, one, 2, batch)
+  state8, m8 = run_steps(config, eight, 2, batch)
+  for a, b in zip(m1, m8):
+    for k in ("contrastive", "reconstruction", "grad_norm_total"):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5)
+  assert state8["params"]["encoder"]["patch_bias"].sharding.mesh.size == 8
+  # Every gradient agrees. (Parameters after Adam are not compared: Adam turns the float
+  # noise of exactly-zero gradients, e.g. of the key bias, into +-lr steps.)
+  loss1, g1 = loss_and_grads(config, one, batch)
+  loss8, g8 = loss_and_grads(config, eight, batch)
+  np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_save_restore_next_step_identical(tmp_path):
+  config = tiny_config(batch=10)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
+  batch = sharding.global_batch(fixed_batch(10), mesh)
+  key = jax.random.key(7)
+  state, _ = fns.step(fns.init(jax.random.key(0)), batch, key)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=2)
+  assert ckpt.maybe_save(1, state, {"epoch": 0, "position": 10})
+  ckpt.close()
+  expected, m_expected = fns.step(state, batch, key)
+
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=2)
+  assert ckpt.latest_step() == 1
+  restored, data_state = ckpt.restore(1, fns.abstract_state)
+  assert data_state == {"epoch": 0, "position": 10}
+  assert int(restored["step"]) == 1
+  got, m_got = fns.step(restored, batch, key)
+  assert float(m_got["loss"]) == float(m_expected["loss"])
+  for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_configs_fail_before_compute(tmp_path):
+  config = tiny_config(batch=48)  # 6 per device: not 5 groups
+  with pytest.raises(train.ConfigError, match="mask-ratio groups"):
+    train.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config()
+  config.model.variant = "X/16"
+  with pytest.raises(train.ConfigError, match="unknown ViT variant"):
+    train.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config()
+  config.data.demo = False
+  config.data.dir = str(tmp_path / "missing")
+  with pytest.raises(train.ConfigError, match="missing"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)  # nothing was written
+
+
+def test_demo_end_to_end_and_resume(tmp_path):
+  config = tiny_config()
+  config.data.demo_train_clips = 40
+  config.data.demo_eval_clips = 10
+  config.total_steps = None
+  config.epochs = 4
+  config.checkpoint_every_steps = 2
+  workdir = str(tmp_path / "w")
+  results = train.train_and_evaluate(config, workdir)
+  assert results["step"] == 4
+  with open(os.path.join(workdir, "results.json")) as f:
+    saved = json.load(f)
+  assert saved["num_clips"] == 10
+  for k in ("v2a_r1", "v2a_r5", "a2v_r1", "a2v_r5"):
+    assert 0 <= saved[k] <= 100
+  assert saved["v2a_r5"] >= saved["v2a_r1"]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+  # A longer run in the same workdir resumes at step 4 and trains only the new steps.
+  config = tiny_config()
+  config.data.demo_train_clips = 40
+  config.data.demo_eval_clips = 10
+  config.total_steps = 6
+  config.checkpoint_every_steps = 2
+  results = train.train_and_evaluate(config, workdir)
+  assert results["step"] == 6
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert steps[-1] == 6 and 4 in steps
