@@ -122,3 +122,39 @@ def test_token_doubling_switch():
     enc = vit.Encoder(vit.encoder_spec("test", double_tokens=double, **kw), rngs=nnx.Rngs(0))
     outs.append(np.asarray(enc.embed(enc.patches(jnp.asarray(x), "v"), "v")))
   np.testing.assert_allclose(outs[1], 2 * outs[0], rtol=1e-6)
+
+
+def _small_model(dtype=jnp.float32):
+  spec = AVSiamSpec(vit.encoder_spec("test", image_size=32, audio_frames=32, mel_bins=32),
+                    decoder_width=16, decoder_depth=1, decoder_heads=2)
+  return AVSiam(spec, rngs=nnx.Rngs(0), dtype=dtype)
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+def test_reconstruction_stop_gradient(stop_gradient):
+  model = _small_model()
+  graphdef, params = nnx.split(model, nnx.Param)
+  rng = np.random.default_rng(0)
+  audio = jnp.asarray(rng.normal(size=(2, 32, 32)), jnp.float32)
+  video = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+  def loss(params):
+    m = nnx.merge(graphdef, params)
+    return m.reconstruction_loss(audio, video, jax.random.key(0), mask_ratio=0.5,
+                                 stop_gradient=stop_gradient)
+  grads = nnx.to_pure_dict(jax.grad(loss)(params))
+  enc_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["encoder"]))
+  mm_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["mm_blocks"]))
+  assert mm_norm > 0
+  assert (enc_norm == 0) == stop_gradient
+
+
+def test_bfloat16_compute_close_to_float32():
+  rng = np.random.default_rng(0)
+  video = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+  f32 = _small_model().features(video, "v")
+  bf16_model = _small_model(jnp.bfloat16)
+  assert bf16_model.encoder.patch_kernel[...].dtype == jnp.float32  # weights stay float32
+  bf16 = bf16_model.features(video, "v")
+  assert bf16.dtype == jnp.float32
+  np.testing.assert_allclose(bf16, f32, atol=0.05, rtol=0.05)
+  assert not np.array_equal(bf16, f32)

@@ -4,9 +4,9 @@ Each clip is an mp4 (h264 or mpeg4 video, aac audio) in which both the
 picture and the sound carry
   * the class k: background colour <-> timbre (sine / odd harmonics /
     harmonic stack / band-limited noise bursts), and
-  * a per-clip identity (u, v): the horizontal / vertical position of a white
-    disk <-> the pitch (log scale 250-4000 Hz, so it spans many mel bins) and
-    the amplitude-modulation rate of the sound,
+  * a per-clip identity (u, v): the horizontal position and the size of a white
+    disk <-> the pitch (log scale 250-4000 Hz, so it spans many mel bins) and the
+    loudness; the disk's vertical position <-> the amplitude-modulation rate,
 so that matching a clip's audio to its own video is learnable by a tiny ViT
 from a 128-bin mel spectrogram and a 112x112 frame.
 
@@ -25,8 +25,10 @@ import numpy as np
 
 WIDTH, HEIGHT = 256, 224
 PITCH_LO, PITCH_HI = 250.0, 4000.0
-AMPLITUDE = 0.4
-DISK_RADIUS = 20
+# Size and loudness both grow with u: a cue a mean-pooled ViT picks up in a few hundred steps,
+# while position <-> pitch takes longer to learn.
+AMPLITUDE_LO, AMPLITUDE_HI = 0.12, 0.5
+DISK_RADIUS_LO, DISK_RADIUS = 18, 44
 # (colour name, background RGB, timbre, word used in the display name).
 # Backgrounds are kept darkish so the white disk always has high contrast.
 CLASS_STYLES = (
@@ -48,10 +50,12 @@ class DemoClipSpec:
     index: int
     video_id: str
     class_index: int
-    u: float  # disk x position <-> pitch
+    u: float  # disk x position and size <-> pitch and loudness
     v: float  # disk y position <-> AM rate
     pitch_hz: float
     am_rate_hz: float
+    radius: float
+    amplitude: float
     sample_rate: int
     layout: str
 
@@ -79,6 +83,8 @@ def demo_clip_specs(num_clips: int, num_classes: int = 4, seed: int = 0) -> list
         specs.append(DemoClipSpec(
             index=i, video_id=f"demo_{i:05d}", class_index=int(classes[i]), u=u, v=v,
             pitch_hz=PITCH_LO * (PITCH_HI / PITCH_LO) ** u, am_rate_hz=1.5 + 3.0 * v,
+            radius=DISK_RADIUS_LO + (DISK_RADIUS - DISK_RADIUS_LO) * u,
+            amplitude=AMPLITUDE_LO + (AMPLITUDE_HI - AMPLITUDE_LO) * u,
             sample_rate=sr, layout=layout))
     return specs
 
@@ -116,7 +122,7 @@ def _sound(spec: DemoClipSpec, seconds: float, rng) -> np.ndarray:
     else:
         env = 0.6 + 0.4 * am
     x = x * env
-    x *= AMPLITUDE / (np.max(np.abs(x)) + 1e-9)
+    x *= spec.amplitude / (np.max(np.abs(x)) + 1e-9)
     channels = 1 if spec.layout == "mono" else 2
     out = x[None, :] + 0.01 * rng.standard_normal((channels, n))
     return np.clip(out, -1, 1).astype(np.float32)
@@ -128,7 +134,7 @@ class _Painter:
 
     def frames(self, spec: DemoClipSpec, seconds: float, fps: int, rng):
         bg = np.array(CLASS_STYLES[spec.class_index][1], np.int16)
-        # Keep the disk inside the 224x224 centre crop, even with the wobble.
+        # Keep the largest disk inside the 224x224 centre crop, even with the wobble.
         x_lo, x_hi = (WIDTH - HEIGHT) // 2 + DISK_RADIUS + 12, (WIDTH + HEIGHT) // 2 - DISK_RADIUS - 12
         y_lo, y_hi = DISK_RADIUS + 12, HEIGHT - DISK_RADIUS - 12
         cx0 = x_lo + spec.u * (x_hi - x_lo)
@@ -139,7 +145,7 @@ class _Painter:
             cx, cy = cx0 + 6 * np.sin(s + ph[0]), cy0 + 6 * np.sin(s + ph[1])
             img = np.empty((HEIGHT, WIDTH, 3), np.int16)
             img[:] = bg
-            img[(self.xx - cx) ** 2 + (self.yy - cy) ** 2 < DISK_RADIUS ** 2] = 255
+            img[(self.xx - cx) ** 2 + (self.yy - cy) ** 2 < spec.radius ** 2] = 255
             # 4x4-block grey noise: visible, yet cheap to render and encode.
             noise = rng.integers(-8, 9, size=(HEIGHT // 4, WIDTH // 4, 1), dtype=np.int16)
             img += noise.repeat(4, axis=0).repeat(4, axis=1)
