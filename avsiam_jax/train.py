@@ -37,10 +37,12 @@ def model_spec(config) -> AVSiamSpec:
       m.variant, image_size=m.image_size, audio_frames=m.audio_frames, mel_bins=m.mel_bins,
       audio_patch_mode=m.audio_patch_mode, audio_posemb_init=m.audio_posemb_init,
       modality_norms=m.modality_norms, double_tokens=m.double_tokens,
-      block_norm_eps=m.block_norm_eps, final_norm_eps=m.final_norm_eps)
+      separate_audio_patch=m.separate_audio_patch, block_norm_eps=m.block_norm_eps,
+      final_norm_eps=m.final_norm_eps)
   enc.video_grid, enc.audio_grid  # pylint: disable=pointless-statement  # validates sizes
   return AVSiamSpec(encoder=enc, mm_depth=m.mm_depth, decoder_width=m.decoder_width,
-                    decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads)
+                    decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
+                    decoder_norm_eps=m.decoder_norm_eps)
 
 
 def check_config(config, num_devices: int) -> None:
@@ -71,6 +73,11 @@ def check_config(config, num_devices: int) -> None:
     raise ValueError(f"config.batch_size: {e}") from None
   if not config.total_steps and config.epochs <= 0:
     raise ValueError("set config.epochs or config.total_steps to a positive number")
+  if config.model_init and not os.path.exists(config.model_init):
+    raise ValueError(f"config.model_init: {config.model_init!r} does not exist")
+  if config.model_init_format not in ("converted", "vitjax", "timm", "avsiam"):
+    raise ValueError("config.model_init_format must be converted, vitjax, timm or avsiam, got "
+                     f"{config.model_init_format!r}")
   if not 0 <= config.eval.frame < 10:
     raise ValueError(f"config.eval.frame must be in [0, 10), got {config.eval.frame}")
 
@@ -206,6 +213,19 @@ def make_train_fns(config, mesh, steps_per_epoch: int) -> TrainFns:
                   graphdef, shards)
 
 
+def load_init_weights(config, state, fns: TrainFns):
+  """Places converted pretrained weights into a fresh state (only when not resuming)."""
+  from avsiam_jax.weights import load  # pylint: disable=g-import-not-at-top
+  params = load.init_params(config.model_init, config.model_init_format, model_spec(config),
+                            jax.device_get(state["params"]))
+  shardings = jax.tree.map(lambda a: a.sharding, fns.abstract_state["params"])
+  params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
+                        params, shardings)
+  logging.info("Initialized from %s (%s)", config.model_init, config.model_init_format)
+  # Adam moments of the fresh state are zero, so only the parameters change.
+  return dict(state, params=params)
+
+
 # ----- Evaluation ---------------------------------------------------------------------------
 
 def evaluate_retrieval(config, ds_dir, state, embed_fn, mesh) -> dict[str, float]:
@@ -313,6 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Resumed from step %d in %s", latest, workdir)
   else:
     state = fns.init(init_key)
+    if config.model_init:
+      state = load_init_weights(config, state, fns)
 
   # Train loop.
   logger = Logger(workdir, config.total_steps, config.batch_size)

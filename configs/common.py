@@ -22,8 +22,15 @@ def get_common_config() -> ml_collections.ConfigDict:
   c.model.decoder_width = 512
   c.model.decoder_depth = 8
   c.model.decoder_heads = 16
+  c.model.decoder_norm_eps = 1e-6
+  c.model.separate_audio_patch = False   # released checkpoints: audio projection of its own
   c.model.dtype = "float32"              # compute dtype; "bfloat16" keeps float32 weights
 
+
+  # Weights to start from when the workdir has no checkpoint: a directory written by
+  # `python -m avsiam_jax.weights.convert`, or a source file (format vitjax, timm or avsiam).
+  c.model_init = ""
+  c.model_init_format = "converted"
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.mask_ratios = (0.0, 0.2, 0.4, 0.6, 0.8)

@@ -167,3 +167,47 @@ def test_lr_step_decay_in_epochs():
   # Paper Table 9: x0.5 at epoch 10 and every 5 epochs after.
   for step, want in ((0, 1e-4), (99, 1e-4), (100, 5e-5), (149, 5e-5), (150, 2.5e-5), (199, 2.5e-5)):
     assert float(schedule(step)) == pytest.approx(want), step
+
+
+def fake_timm_vit(path, d=32, depth=2, mlp=64, p=16, tokens=4, seed=0):
+  """A timm-format ViT state dict (the 'test' variant's sizes) written as safetensors."""
+  from safetensors.numpy import save_file
+  rng = np.random.default_rng(seed)
+  r = lambda *s: rng.normal(size=s).astype(np.float32)
+  sd = {"patch_embed.proj.weight": r(d, 3, p, p), "patch_embed.proj.bias": r(d),
+        "cls_token": r(1, 1, d), "pos_embed": r(1, 1 + tokens, d),
+        "norm.weight": r(d), "norm.bias": r(d), "head.weight": r(10, d), "head.bias": r(10)}
+  for i in range(depth):
+    b = f"blocks.{i}."
+    sd.update({b + "norm1.weight": r(d), b + "norm1.bias": r(d), b + "norm2.weight": r(d),
+               b + "norm2.bias": r(d), b + "attn.qkv.weight": r(3 * d, d),
+               b + "attn.qkv.bias": r(3 * d), b + "attn.proj.weight": r(d, d),
+               b + "attn.proj.bias": r(d), b + "mlp.fc1.weight": r(mlp, d),
+               b + "mlp.fc1.bias": r(mlp), b + "mlp.fc2.weight": r(d, mlp), b + "mlp.fc2.bias": r(d)})
+  save_file(sd, path)
+  return sd
+
+
+def test_model_init_from_timm_weights(tmp_path):
+  sd = fake_timm_vit(str(tmp_path / "vit.safetensors"))
+  config = tiny_config()
+  config.model_init, config.model_init_format = str(tmp_path / "vit.safetensors"), "timm"
+  train.check_config(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
+  state = train.load_init_weights(config, fns.init(jax.random.key(0)), fns)
+  enc = state["params"]["encoder"]
+  np.testing.assert_array_equal(enc["video_posemb"], sd["pos_embed"][0, 1:])
+  np.testing.assert_array_equal(enc["patch_kernel"], sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+  for stream in ("a", "v"):  # per-modality norms both start from the one pretrained norm
+    np.testing.assert_array_equal(enc["blocks"][1]["norm1"][stream]["scale"], sd["blocks.1.norm1.weight"])
+    np.testing.assert_array_equal(enc["norm"][stream]["bias"], sd["norm.bias"])
+  np.testing.assert_array_equal(state["params"]["mm_blocks"][1]["mlp"]["fc1"]["kernel"],
+                                sd["blocks.1.mlp.fc1.weight"].T)
+  assert enc["patch_kernel"].sharding == fns.abstract_state["params"]["encoder"]["patch_kernel"].sharding
+  state, metrics = fns.step(state, sharding.global_batch(fixed_batch(40), mesh), jax.random.key(1))
+  assert np.isfinite(float(metrics["loss"]))
+
+  config.model_init = str(tmp_path / "missing.npz")
+  with pytest.raises(ValueError, match="config.model_init"):
+    train.check_config(config, jax.device_count())

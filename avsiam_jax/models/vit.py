@@ -42,6 +42,7 @@ class EncoderSpec:
   audio_posemb_init: str = "nearest1d"  # "nearest1d" (released) or "bilinear2d"
   modality_norms: bool = True         # separate LayerNorms per modality (released)
   double_tokens: bool = False         # released quirk: x = x + x before the blocks
+  separate_audio_patch: bool = False  # released: audio projection trained apart (from the mean)
   block_norm_eps: float = 1e-5
   final_norm_eps: float = 1e-6
 
@@ -132,6 +133,10 @@ class Encoder(nnx.Module):
     self.patch_kernel = nnx.Param(init(rngs.params(), (p, p, 3, d), jnp.float32),
                                   logical_axes=(None, None, None, "embed"))
     self.patch_bias = layers.param(rngs, layers.zeros, (d,), ("embed",))
+    if spec.separate_audio_patch:
+      self.audio_patch_kernel = nnx.Param(self.patch_kernel[...].mean(axis=2, keepdims=True),
+                                          logical_axes=(None, None, None, "embed"))
+      self.audio_patch_bias = nnx.Param(self.patch_bias[...], logical_axes=("embed",))
     pos_init = nnx.initializers.normal(0.02)
     self.video_posemb = layers.param(rngs, pos_init, (spec.num_video_tokens, d), (None, "embed"))
     audio_pos = resize_posemb(self.video_posemb[...], spec.video_grid, spec.audio_grid,
@@ -145,10 +150,18 @@ class Encoder(nnx.Module):
 
   def patch_kernel_for(self, modality: str):
     """(p*p*C, D) projection; audio uses the mean over the RGB input channels (one projection)."""
-    k = self.patch_kernel[...]
-    if modality == "a":
-      k = k.mean(axis=2, keepdims=True)
+    if modality == "a" and self.spec.separate_audio_patch:
+      k = self.audio_patch_kernel[...]
+    else:
+      k = self.patch_kernel[...]
+      if modality == "a":
+        k = k.mean(axis=2, keepdims=True)
     return k.reshape(-1, k.shape[-1])
+
+  def patch_bias_for(self, modality: str):
+    if modality == "a" and self.spec.separate_audio_patch:
+      return self.audio_patch_bias[...]
+    return self.patch_bias[...]
 
   def patches(self, x, modality: str):
     if modality == "a":
@@ -160,7 +173,7 @@ class Encoder(nnx.Module):
     dt = self.dtype
     x = patches_BxNxP.astype(dt) @ self.patch_kernel_for(modality).astype(dt)
     pos = self.audio_posemb if modality == "a" else self.video_posemb
-    x = x + self.patch_bias[...].astype(dt) + pos[...].astype(dt)
+    x = x + self.patch_bias_for(modality).astype(dt) + pos[...].astype(dt)
     if self.spec.double_tokens:
       x = x + x
     return x
