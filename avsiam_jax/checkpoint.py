@@ -20,9 +20,11 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def maybe_save(self, step: int, state: Any, data_state: Any, *, force: bool = False) -> bool:
-    if not force and (self.every_steps <= 0 or step % self.every_steps):
-      return False
+  def due(self, step: int) -> bool:
+    return self.every_steps > 0 and step % self.every_steps == 0
+
+  def save(self, step: int, state: Any, data_state: Any) -> bool:
+    """Starts an asynchronous save; arrays are copied off the devices before it returns."""
     if step == self.manager.latest_step():
       return False
     return self.manager.save(step, args=ocp.args.Composite(

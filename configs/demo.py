@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.optim.decay_start_epoch = 20
   c.optim.decay_every_epochs = 5
   c.eval.max_clips = 100
-  c.eval.batch_size = 50
+  c.eval.batch_size = 40
   c.checkpoint_every_steps = 50
   c.log_every_steps = 10
   return c

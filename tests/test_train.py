@@ -97,7 +97,7 @@ def test_save_restore_next_step_identical(tmp_path):
   key = jax.random.key(7)
   state, _ = fns.step(fns.init(jax.random.key(0)), batch, key)
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=2)
-  assert ckpt.maybe_save(1, state, {"epoch": 0, "position": 10})
+  assert ckpt.save(1, state, {"epoch": 0, "position": 10})
   ckpt.close()
   expected, m_expected = fns.step(state, batch, key)
 
