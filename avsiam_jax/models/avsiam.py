@@ -16,7 +16,8 @@ from flax import nnx
 
 from avsiam_jax import losses, masking
 from avsiam_jax.models import layers
-from avsiam_jax.models.vit import Encoder, EncoderSpec, resize_posemb
+from avsiam_jax.models.vit import (Encoder, EncoderSpec, init_multimodal_from_encoder,
+                                   resize_posemb)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +38,6 @@ class AVSiam(nnx.Module):
   def __init__(self, spec: AVSiamSpec, *, rngs: nnx.Rngs, dtype=jnp.float32):
     enc = spec.encoder
     d, dw = enc.width, spec.decoder_width
-    if spec.mm_depth > enc.depth:
-      raise ValueError(f"mm_depth {spec.mm_depth} exceeds encoder depth {enc.depth}")
     self.spec = spec
     self.dtype = dtype
     self.encoder = Encoder(enc, rngs=rngs, dtype=dtype)
@@ -46,7 +45,7 @@ class AVSiam(nnx.Module):
         layers.Block(d, enc.heads, enc.mlp, streams=("x",), eps=enc.block_norm_eps, rngs=rngs,
                      dtype=dtype) for _ in range(spec.mm_depth)])
     self.mm_norm = layers.LayerNorm(d, eps=enc.final_norm_eps, rngs=rngs, dtype=dtype)
-    self.init_multimodal_from_encoder()
+    init_multimodal_from_encoder(self.encoder, self.mm_blocks)
 
     # Decoder: fresh parameters.
     self.decoder_embed = layers.Dense(d, dw, axes=("embed", None), rngs=rngs, dtype=dtype)
@@ -65,16 +64,6 @@ class AVSiam(nnx.Module):
     self.decoder_pred = nnx.Dict({
         "a": layers.Dense(dw, p * p, axes=(None, None), rngs=rngs, dtype=dtype),
         "v": layers.Dense(dw, p * p * 3, axes=(None, None), rngs=rngs, dtype=dtype)})
-
-  def init_multimodal_from_encoder(self) -> None:
-    """Multimodal blocks start as copies of the encoder's last blocks (video-stream norms)."""
-    enc_blocks = self.encoder.blocks[len(self.encoder.blocks) - len(self.mm_blocks):]
-    v = self.spec.encoder.stream("v")
-    for mm, src in zip(self.mm_blocks, enc_blocks):
-      nnx.update(mm.attn, nnx.state(src.attn))
-      nnx.update(mm.mlp, nnx.state(src.mlp))
-      nnx.update(mm.norm1["x"], nnx.state(src.norm1[v]))
-      nnx.update(mm.norm2["x"], nnx.state(src.norm2[v]))
 
   def reset_audio_posemb(self) -> None:
     """Audio posemb as the configured resize of the video posemb (after loading image weights)."""

@@ -188,3 +188,17 @@ class Encoder(nnx.Module):
   def __call__(self, x, modality: str):
     """Unmasked encoding of raw inputs: (B, N, D) tokens."""
     return self.encode_tokens(self.embed(self.patches(x, modality), modality), modality)
+
+
+def init_multimodal_from_encoder(encoder: Encoder, mm_blocks) -> None:
+  """Multimodal blocks start as copies of the encoder's last blocks (video-stream norms)."""
+  if len(mm_blocks) > len(encoder.blocks):
+    raise ValueError(f"{len(mm_blocks)} multimodal blocks exceed encoder depth "
+                     f"{len(encoder.blocks)}")
+  enc_blocks = encoder.blocks[len(encoder.blocks) - len(mm_blocks):]
+  v = encoder.spec.stream("v")
+  for mm, src in zip(mm_blocks, enc_blocks):
+    nnx.update(mm.attn, nnx.state(src.attn))
+    nnx.update(mm.mlp, nnx.state(src.mlp))
+    nnx.update(mm.norm1["x"], nnx.state(src.norm1[v]))
+    nnx.update(mm.norm2["x"], nnx.state(src.norm2[v]))

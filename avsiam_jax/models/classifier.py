@@ -1,0 +1,129 @@
+"""AVSiam finetuning model: the pretrained shared encoder and multimodal blocks plus three heads.
+
+`encoder` and `mm_blocks` are named as in the pretraining model, so those parameter subtrees
+load by name (`load_pretrained`); the heads start fresh. Heads, by released name:
+  head_a  (mlp_head_a):  LayerNorm + Dense on mean-pooled audio tokens;
+  head_v  (mlp_head):    LayerNorm + Dense on mean-pooled video tokens;
+  head_av (mlp_head_mm): LayerNorm + Dense on [mean audio part, mean video part] (2D) of the
+                         concatenated tokens after the multimodal blocks.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from avsiam_jax.models import layers
+from avsiam_jax.models.vit import Encoder, EncoderSpec, init_multimodal_from_encoder
+
+PRETRAINED = ("encoder", "mm_blocks")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierSpec:
+  encoder: EncoderSpec
+  num_classes: int
+  mm_depth: int = 2
+  head_norm_eps: float = 1e-5  # the released heads use torch's default LayerNorm
+
+
+class Head(nnx.Module):
+  def __init__(self, dim: int, num_classes: int, *, eps: float, rngs: nnx.Rngs, dtype):
+    self.norm = layers.LayerNorm(dim, eps=eps, rngs=rngs, dtype=dtype)
+    self.dense = layers.Dense(dim, num_classes, axes=("embed", None), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x_BxD):
+    return self.dense(self.norm(x_BxD))
+
+
+class AVSiamClassifier(nnx.Module):
+
+  def __init__(self, spec: ClassifierSpec, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    enc = spec.encoder
+    d = enc.width
+    if spec.mm_depth > enc.depth:
+      raise ValueError(f"mm_depth {spec.mm_depth} exceeds encoder depth {enc.depth}")
+    self.spec = spec
+    self.dtype = dtype
+    # Built in the same order as AVSiam, so equal seeds give equal encoder/mm parameters.
+    self.encoder = Encoder(enc, rngs=rngs, dtype=dtype)
+    self.mm_blocks = nnx.List([
+        layers.Block(d, enc.heads, enc.mlp, streams=("x",), eps=enc.block_norm_eps, rngs=rngs,
+                     dtype=dtype) for _ in range(spec.mm_depth)])
+    init_multimodal_from_encoder(self.encoder, self.mm_blocks)
+    kw = dict(eps=spec.head_norm_eps, rngs=rngs, dtype=dtype)
+    self.head_a = Head(d, spec.num_classes, **kw)
+    self.head_v = Head(d, spec.num_classes, **kw)
+    self.head_av = Head(2 * d, spec.num_classes, **kw)
+
+  def features(self, audio=None, video=None):
+    """Pooled head input: (B, D) for one modality, (B, 2D) for both, in the compute dtype."""
+    if audio is None and video is None:
+      raise ValueError("need audio, video or both")
+    if video is None:
+      return self.encoder(audio, "a").mean(axis=1)
+    if audio is None:
+      return self.encoder(video, "v").mean(axis=1)
+    a = self.encoder(audio, "a")
+    x = jnp.concatenate([a, self.encoder(video, "v")], axis=1)
+    for block in self.mm_blocks:
+      x = block(x, "x")
+    n = a.shape[1]
+    return jnp.concatenate([x[:, :n].mean(axis=1), x[:, n:].mean(axis=1)], axis=-1)
+
+  def __call__(self, audio=None, video=None):
+    """Logits (B, num_classes): the audio, video or audio-visual head by what is given."""
+    f = self.features(audio, video)
+    head = self.head_a if video is None else self.head_v if audio is None else self.head_av
+    return head(f).astype(jnp.float32)
+
+
+def _flat(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flat(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def _shape(x):
+  return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)  # also jax.ShapeDtypeStruct
+
+
+def load_pretrained(params: dict, pretrain_params: dict) -> dict:
+  """`params` with its `encoder` and `mm_blocks` subtrees taken from a pretraining AVSiam dict.
+
+  Both are pure dicts (nnx.to_pure_dict of the nnx.Param state). Every classifier key under
+  those subtrees must exist in the pretraining dict with the same shape; the first key that
+  does not is named in the ValueError. Heads and anything else stay as given.
+  """
+  updates = []
+  for name in PRETRAINED:
+    if name not in params:
+      raise ValueError(f"classifier params have no {name!r} subtree")
+    if name not in pretrain_params:
+      raise ValueError(f"pretrained params have no {name!r} subtree")
+    src = dict(_flat(pretrain_params[name], (name,)))
+    dst = dict(_flat(params[name], (name,)))
+    for path, value in dst.items():
+      key = "/".join(map(str, path))
+      if path not in src:
+        raise ValueError(f"pretrained params lack {key}")
+      if _shape(src[path]) != _shape(value):
+        raise ValueError(f"shape mismatch at {key}: pretrained {_shape(src[path])}, "
+                         f"classifier {_shape(value)}")
+      updates.append((path, src[path], value))
+    extra = sorted("/".join(map(str, p)) for p in src if p not in dst)
+    if extra:  # e.g. a separate audio patch projection the classifier would silently drop
+      raise ValueError(f"pretrained {name} has keys the classifier lacks, e.g. {extra[0]}")
+  # Write only after everything checked out.
+  out = jax.tree.map(lambda x: x, params)  # fresh containers; leaves are shared, not copied
+  for path, new, old in updates:
+    node = out
+    for k in path[:-1]:
+      node = node[k]
+    node[path[-1]] = jnp.asarray(new, dtype=jnp.result_type(old))
+  return out
