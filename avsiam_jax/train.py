@@ -61,6 +61,10 @@ def check_config(config, num_devices: int) -> None:
     raise ValueError(f"config.pretrain.tau must be positive, got {config.pretrain.tau}")
   mesh_shape = sharding.mesh_shape(config.mesh, num_devices)
   data_shards = mesh_shape[0] * mesh_shape[1]
+  if data_shards % jax.process_count():
+    raise ValueError(f"config.mesh: data x fsdp = {data_shards} must be a multiple of the "
+                     f"{jax.process_count()} processes, each of which feeds its own slice of "
+                     "the batch (keep the tensor axis within a host)")
   shards = config.mesh.batch_shards or data_shards
   for name, value in (("batch_size", config.batch_size),
                       ("eval.batch_size", config.eval.batch_size)):
@@ -274,7 +278,7 @@ class Logger:
     else:
       rate = (step - self.s0) * self.batch_size / max(now - self.t0, 1e-9)
     eta = (self.total_steps - step) * self.batch_size / rate if rate == rate and rate > 0 else 0
-    self.scalars(step, dict(metrics, samples_per_sec=rate))
+    self.scalars(step, metrics if rate != rate else dict(metrics, samples_per_sec=rate))
     logging.info("step %d/%d | loss %.4f (contrastive %.4f, reconstruction %.4f) | "
                  "%.1f samples/s | ETA %s", step, self.total_steps, metrics["loss"],
                  metrics["contrastive"], metrics["reconstruction"], rate,
