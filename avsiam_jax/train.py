@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -75,6 +76,9 @@ def check_config(config, num_devices: int) -> None:
     masking.check_groups(config.batch_size, len(ratios), shards)
   except ValueError as e:
     raise ValueError(f"config.batch_size: {e}") from None
+  if config.optim.decay_every_epochs <= 0:
+    raise ValueError(f"config.optim.decay_every_epochs must be positive, got "
+                     f"{config.optim.decay_every_epochs}")
   if not config.total_steps and config.epochs <= 0:
     raise ValueError("set config.epochs or config.total_steps to a positive number")
   if config.model_init and not os.path.exists(config.model_init):
@@ -104,10 +108,13 @@ def dataset_dir(config, workdir: str) -> str:
 def lr_schedule(config, steps_per_epoch: int):
   """Step decay in epochs: lr x rate at decay_start_epoch, and every decay_every_epochs after."""
   o = config.optim
-  last = config.total_steps // steps_per_epoch + 1
-  milestones = range(o.decay_start_epoch, max(last, o.decay_start_epoch) + 1, o.decay_every_epochs)
-  return optax.piecewise_constant_schedule(
-      o.lr, {m * steps_per_epoch: o.decay_rate for m in milestones if m > 0})
+
+  def schedule(step):
+    epoch = step // steps_per_epoch
+    decays = jnp.where(epoch >= o.decay_start_epoch,
+                       (epoch - o.decay_start_epoch) // o.decay_every_epochs + 1, 0)
+    return o.lr * o.decay_rate ** decays.astype(jnp.float32)
+  return schedule
 
 
 def make_optimizer(config, schedule) -> optax.GradientTransformation:
@@ -285,6 +292,28 @@ class Logger:
                  time.strftime("%H:%M:%S", time.gmtime(eta)))
 
 
+class StopRequest:
+  """SIGTERM (preemption) asks the loop to save at the next step boundary and return.
+
+  With several processes JAX's own preemption service catches the signal and agrees on a
+  step, so every process saves the same step.
+  """
+
+  def __init__(self):
+    self.requested = False
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then stopping")
+    self.requested = True
+
+  def __call__(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
 # ----- Main ---------------------------------------------------------------------------------
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -344,6 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Train loop.
   logger = Logger(workdir, config.total_steps, config.batch_size)
+  stop = StopRequest()
   step = int(state["step"])
   results: dict[str, Any] = {}
   while step < config.total_steps:
@@ -356,8 +386,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.eval.every_steps and step % config.eval.every_steps == 0:
       results = evaluate_retrieval(config, ds_dir, state, fns.embed, mesh)
       logger.scalars(step, {f"retrieval/{k}": v for k, v in results.items()})
-    if ckpt.due(step) or step == config.total_steps:
+    stopping = stop(step)
+    if ckpt.due(step) or step == config.total_steps or stopping:
       ckpt.save(step, state, train_iter.get_state())
+    if stopping:
+      ckpt.close()
+      logging.info("Stopped at step %d; rerun the same command to resume", step)
+      return {"step": step, "preempted": True}
 
   results = evaluate_retrieval(config, ds_dir, state, fns.embed, mesh)
   logger.scalars(step, {f"retrieval/{k}": v for k, v in results.items()})

@@ -9,7 +9,6 @@ import glob
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from avsiam_jax.data import demo, pipeline, records
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import multihost_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tb_events import read_scalars  # pylint: disable=g-import-not-at-top,wrong-import-position
 ROOT = os.path.dirname(HERE)
 NUM_PROCESSES, LOCAL_DEVICES, STEPS = 2, 2, 3
 TIMEOUT_S = 900
@@ -33,23 +33,6 @@ def free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
-
-
-def read_scalars(event_dir: str) -> dict[str, dict[int, float]]:
-  """{tag: {step: value}} from the TFRecord event files that tensorboardX wrote."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
-  out: dict[str, dict[int, float]] = {}
-  for path in sorted(glob.glob(os.path.join(event_dir, "events.out.tfevents.*"))):
-    with open(path, "rb") as f:
-      data = f.read()
-    pos = 0
-    while pos + 12 <= len(data):
-      (length,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-      pos += 12 + length + 4  # length, its crc, the record, its crc
-      for v in event.summary.value:
-        out.setdefault(v.tag, {})[event.step] = v.simple_value
-  return out
 
 
 def reference_losses(config, data_dir):
