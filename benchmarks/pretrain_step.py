@@ -1,0 +1,171 @@
+"""Pretraining step cost: throughput, XLA-counted FLOPs and compiled memory, masked vs unmasked.
+
+  python benchmarks/pretrain_step.py [--steps 3] [--base_batch 5] [--quick]
+
+Rows: the tiny demo config (configs/demo.py) and Base (configs/base.py: B/16, 224 px, 1024
+audio frames), each with multi-ratio masking (the config's ratio set) and without masking
+(ratio set (0.0,)). Columns: samples/s of the jitted train step (one warm-up step, then
+`--steps` timed), FLOPs per sample of the whole train step and of the contrastive encoder
+forward pass alone (both from XLA's cost analysis of the compiled program), and the train
+step's compiled memory. The table goes to docs/benchmarks.md (section "Pretrain step").
+
+Exits non-zero unless Base's encoder FLOPs per sample with multi-ratio masking are at most
+0.65 x those without masking (ideal ~0.60: the mean kept fraction of (0, .2, .4, .6, .8)).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from avsiam_jax import masking, sharding, train  # noqa: E402
+from benchmarks.report import write_section  # noqa: E402
+from configs import base, demo  # noqa: E402
+
+TARGET = 0.65
+MiB = 2 ** 20
+
+
+def make_config(name: str, batch: int | None, ratios: tuple[float, ...] | None):
+  config = {"tiny": demo, "Base": base}[name].get_config()
+  if batch:
+    config.batch_size = batch
+  if ratios:
+    config.pretrain.mask_ratios = ratios
+  config.total_steps = 1000
+  train.check_config(config, jax.device_count())
+  return config
+
+
+def flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # one dict per program in some jax versions
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def random_batch(config, sharded):
+  m, b = config.model, config.batch_size
+  rng = np.random.default_rng(0)
+  batch = {"audio": rng.normal(size=(b, m.audio_frames, m.mel_bins)),
+           "video": rng.normal(size=(b, m.image_size, m.image_size, 3))}
+  return {k: jax.device_put(v.astype(np.float32), sharded) for k, v in batch.items()}
+
+
+def encoder_flops(config, fns, batch, key) -> float:
+  """Forward FLOPs of the contrastive pass's encoder calls, audio and video, for the batch."""
+  ratios = tuple(config.pretrain.mask_ratios)
+
+  def encode(params, batch, key):
+    model = nnx.merge(fns.graphdef, params)
+    if ratios == (0.0,):
+      return model.features(batch["audio"], "a"), model.features(batch["video"], "v")
+    k_a, k_v = jax.random.split(key)
+    return (model.multi_ratio_features(batch["audio"], "a", k_a, ratios, fns.batch_shards),
+            model.multi_ratio_features(batch["video"], "v", k_v, ratios, fns.batch_shards))
+
+  abstract_params = fns.abstract_state["params"]
+  return flops(jax.jit(encode).lower(abstract_params, batch, key).compile())
+
+
+def expected_ratios(config) -> tuple[float, float]:
+  """Masked / unmasked encoder work from kept token counts: per-token (linear) and attention."""
+  enc, ratios = train.model_spec(config).encoder, tuple(config.pretrain.mask_ratios)
+  ns = (enc.num_audio_tokens, enc.num_video_tokens)
+  kept = [[masking.kept_count(n, r) for r in ratios] for n in ns]
+  linear = sum(map(sum, kept)) / (len(ratios) * sum(ns))
+  attention = sum(k * k for ks in kept for k in ks) / (len(ratios) * sum(n * n for n in ns))
+  return linear, attention
+
+
+def measure(name: str, ratios, batch: int | None, steps: int) -> dict:
+  config = make_config(name, batch, ratios)
+  mesh = sharding.make_mesh(config.mesh)
+  fns = train.make_train_fns(config, mesh, steps_per_epoch=100)
+  b = config.batch_size
+  data = random_batch(config, sharding.batch_sharding(mesh))
+  key = jax.random.key(0)
+  compiled = fns.step.lower(fns.abstract_state, data, key).compile()
+  mem = compiled.memory_analysis()
+  row = {"config": name, "ratios": tuple(config.pretrain.mask_ratios), "batch": b,
+         "step_flops": flops(compiled) / b,
+         "encoder_flops": encoder_flops(config, fns, data, key) / b,
+         "temp_mib": mem.temp_size_in_bytes / MiB if mem else float("nan"),
+         "arg_mib": mem.argument_size_in_bytes / MiB if mem else float("nan"),
+         "out_mib": mem.output_size_in_bytes / MiB if mem else float("nan")}
+  state = fns.init(jax.random.key(1))
+  state, metrics = jax.block_until_ready(compiled(state, data, key))  # warm-up
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, metrics = jax.block_until_ready(compiled(state, data, key))
+    times.append(time.perf_counter() - t0)
+  row["samples_per_s"] = b / min(times)  # the fastest step: the least disturbed by other jobs
+  del state, metrics
+  print(f"  {row}", flush=True)
+  return row
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+  parser.add_argument("--tiny_batch", type=int, default=0, help="0: the demo config's (40)")
+  # Base's compiled train step needs ~1.7 GB of temp memory per sample on CPU (XLA keeps every
+  # activation, attention logits included): batch 5 (5 ratio groups x 1) fits in 24 GiB, 10 not.
+  parser.add_argument("--base_batch", type=int, default=5,
+                      help="Base batch (a multiple of the 5 ratio groups x devices)")
+  parser.add_argument("--quick", action="store_true", help="tiny only, no Base")
+  args = parser.parse_args()
+
+  load = os.getloadavg()[0]
+  runs = [("tiny", args.tiny_batch or None)] + ([] if args.quick else [("Base", args.base_batch)])
+  rows = [measure(name, ratios, batch, args.steps)
+          for name, batch in runs for ratios in (None, (0.0,))]
+
+  dev = jax.devices()[0]
+  lines = [f"`{' '.join(['python'] + sys.argv)}`", "",
+           f"Device: {dev.device_kind} ({dev.platform}) x {jax.device_count()}, "
+           f"{os.cpu_count()} CPUs, jax {jax.__version__}; float32. samples/s: one warm-up step, "
+           f"then the fastest of {args.steps} timed steps on one random batch (noisy on a shared "
+           f"machine; load average before: {load:.1f}). "
+           "FLOPs: XLA cost analysis of the compiled program, per sample; encoder = forward "
+           "of the contrastive pass only (audio + video). Memory: compiled train step (state "
+           "donated).", "",
+           "| config | mask ratios | batch | samples/s | step GFLOPs/sample | "
+           "encoder GFLOPs/sample | temp MiB | args MiB | output MiB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['config']} | {', '.join(f'{x:g}' for x in r['ratios'])} | {r['batch']} | "
+                 f"{r['samples_per_s']:.2f} | {r['step_flops'] / 1e9:.2f} | "
+                 f"{r['encoder_flops'] / 1e9:.2f} | {r['temp_mib']:.0f} | {r['arg_mib']:.0f} | "
+                 f"{r['out_mib']:.0f} |")
+  lines.append("")
+  ratios = {}
+  for masked, unmasked in zip(rows[::2], rows[1::2]):
+    name = masked["config"]
+    ratios[name] = masked["encoder_flops"] / unmasked["encoder_flops"]
+    linear, attention = expected_ratios(make_config(name, masked["batch"], None))
+    lines.append(f"{name}: encoder FLOPs per sample, multi-ratio / unmasked = "
+                 f"**{ratios[name]:.3f}** (from the kept token counts: {linear:.3f} for "
+                 f"per-token work, {attention:.3f} for attention); full train step = "
+                 f"{masked['step_flops'] / unmasked['step_flops']:.3f}; samples/s = "
+                 f"{masked['samples_per_s'] / unmasked['samples_per_s']:.2f}x.  ")
+  checked = "Base" if "Base" in ratios else None
+  if checked:
+    lines.append(f"\nTarget: Base encoder ratio <= {TARGET} (ideal ~0.60): "
+                 f"{'met' if ratios[checked] <= TARGET else 'NOT MET'}.")
+  write_section("Pretrain step", "\n".join(lines) + "\n")
+  if checked and ratios[checked] > TARGET:
+    sys.exit(f"FAIL: Base encoder FLOPs ratio {ratios[checked]:.3f} > target {TARGET}")
+
+
+if __name__ == "__main__":
+  main()
