@@ -16,8 +16,7 @@ from flax import nnx
 
 from avsiam_jax import losses, masking
 from avsiam_jax.models import layers
-from avsiam_jax.models.vit import (Encoder, EncoderSpec, init_multimodal_from_encoder,
-                                   resize_posemb)
+from avsiam_jax.models.vit import Encoder, EncoderSpec, multimodal_blocks, resize_posemb
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +40,8 @@ class AVSiam(nnx.Module):
     self.spec = spec
     self.dtype = dtype
     self.encoder = Encoder(enc, rngs=rngs, dtype=dtype)
-    self.mm_blocks = nnx.List([
-        layers.Block(d, enc.heads, enc.mlp, streams=("x",), eps=enc.block_norm_eps, rngs=rngs,
-                     dtype=dtype) for _ in range(spec.mm_depth)])
+    self.mm_blocks = multimodal_blocks(self.encoder, spec.mm_depth, rngs=rngs, dtype=dtype)
     self.mm_norm = layers.LayerNorm(d, eps=enc.final_norm_eps, rngs=rngs, dtype=dtype)
-    init_multimodal_from_encoder(self.encoder, self.mm_blocks)
 
     # Decoder: fresh parameters.
     self.decoder_embed = layers.Dense(d, dw, axes=("embed", None), rngs=rngs, dtype=dtype)

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from avsiam_jax.models import layers
-from avsiam_jax.models.vit import Encoder, EncoderSpec, init_multimodal_from_encoder
+from avsiam_jax.models.vit import Encoder, EncoderSpec, multimodal_blocks
 
 PRETRAINED = ("encoder", "mm_blocks")
 
@@ -44,16 +44,11 @@ class AVSiamClassifier(nnx.Module):
   def __init__(self, spec: ClassifierSpec, *, rngs: nnx.Rngs, dtype=jnp.float32):
     enc = spec.encoder
     d = enc.width
-    if spec.mm_depth > enc.depth:
-      raise ValueError(f"mm_depth {spec.mm_depth} exceeds encoder depth {enc.depth}")
     self.spec = spec
     self.dtype = dtype
     # Built in the same order as AVSiam, so equal seeds give equal encoder/mm parameters.
     self.encoder = Encoder(enc, rngs=rngs, dtype=dtype)
-    self.mm_blocks = nnx.List([
-        layers.Block(d, enc.heads, enc.mlp, streams=("x",), eps=enc.block_norm_eps, rngs=rngs,
-                     dtype=dtype) for _ in range(spec.mm_depth)])
-    init_multimodal_from_encoder(self.encoder, self.mm_blocks)
+    self.mm_blocks = multimodal_blocks(self.encoder, spec.mm_depth, rngs=rngs, dtype=dtype)
     kw = dict(eps=spec.head_norm_eps, rngs=rngs, dtype=dtype)
     self.head_a = Head(d, spec.num_classes, **kw)
     self.head_v = Head(d, spec.num_classes, **kw)

@@ -190,15 +190,18 @@ class Encoder(nnx.Module):
     return self.encode_tokens(self.embed(self.patches(x, modality), modality), modality)
 
 
-def init_multimodal_from_encoder(encoder: Encoder, mm_blocks) -> None:
-  """Multimodal blocks start as copies of the encoder's last blocks (video-stream norms)."""
-  if len(mm_blocks) > len(encoder.blocks):
-    raise ValueError(f"{len(mm_blocks)} multimodal blocks exceed encoder depth "
-                     f"{len(encoder.blocks)}")
-  enc_blocks = encoder.blocks[len(encoder.blocks) - len(mm_blocks):]
-  v = encoder.spec.stream("v")
-  for mm, src in zip(mm_blocks, enc_blocks):
+def multimodal_blocks(encoder: Encoder, depth: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+  """Joint audio-visual blocks, started as copies of the encoder's last blocks (video norms)."""
+  spec = encoder.spec
+  if depth > spec.depth:
+    raise ValueError(f"{depth} multimodal blocks exceed encoder depth {spec.depth}")
+  blocks = nnx.List([
+      layers.Block(spec.width, spec.heads, spec.mlp, streams=("x",), eps=spec.block_norm_eps,
+                   rngs=rngs, dtype=dtype) for _ in range(depth)])
+  v = spec.stream("v")
+  for mm, src in zip(blocks, encoder.blocks[spec.depth - depth:]):
     nnx.update(mm.attn, nnx.state(src.attn))
     nnx.update(mm.mlp, nnx.state(src.mlp))
     nnx.update(mm.norm1["x"], nnx.state(src.norm1[v]))
     nnx.update(mm.norm2["x"], nnx.state(src.norm2[v]))
+  return blocks

@@ -3,7 +3,7 @@
 One RGB patch kernel (the audio path uses its channel mean on the fly, so nothing is stored for
 audio); audio posemb = the configured resize of the image posemb; per-modality LayerNorms
 copied from the single pretrained ones; multimodal blocks copied from the last encoder blocks
-(video-stream norms, as `vit.init_multimodal_from_encoder`); `mm_norm` and the decoder keep
+(video-stream norms, as `vit.multimodal_blocks`); `mm_norm` and the decoder keep
 their fresh values from `params`.
 """
 from __future__ import annotations
