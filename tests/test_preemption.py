@@ -32,8 +32,9 @@ def dataset(tmp_path_factory):
 def config_for(data_dir, total_steps):
   c = demo_config.get_config()
   for key, value in dict(OVERRIDES, **{"data.dir": data_dir, "total_steps": total_steps}).items():
-    node, *_, leaf = [c] + key.split(".")
-    for part in key.split(".")[:-1]:
+    *parents, leaf = key.split(".")
+    node = c
+    for part in parents:
       node = node[part]
     node[leaf] = value
   return c
