@@ -139,9 +139,8 @@ def create_state(config, spec: AVSiamSpec, tx, key):
           "step": jnp.zeros((), jnp.int32)}
 
 
-def state_shardings(config, spec, tx, mesh):
+def state_shardings(config, spec, tx, mesh, abs_model):
   """Abstract state (no allocation) and its shardings: params by logical axes, moments alike."""
-  abs_model = nnx.eval_shape(lambda: AVSiam(spec, rngs=nnx.Rngs(0)))
   param_sh = sharding.param_shardings(nnx.state(abs_model, nnx.Param), mesh, dict(config.mesh.rules))
   shapes = jax.eval_shape(functools.partial(create_state, config, spec, tx), jax.random.key(0))
   repl = sharding.replicated(mesh)
@@ -207,9 +206,10 @@ def make_train_fns(config, mesh, steps_per_epoch: int) -> TrainFns:
   spec = model_spec(config)
   schedule = lr_schedule(config, steps_per_epoch)
   tx = make_optimizer(config, schedule)
-  shapes, shardings = state_shardings(config, spec, tx, mesh)
-  graphdef = nnx.graphdef(nnx.eval_shape(
-      lambda: AVSiam(spec, rngs=nnx.Rngs(0), dtype=DTYPES[config.model.dtype])))
+  abs_model = nnx.eval_shape(
+      lambda: AVSiam(spec, rngs=nnx.Rngs(0), dtype=DTYPES[config.model.dtype]))
+  shapes, shardings = state_shardings(config, spec, tx, mesh, abs_model)
+  graphdef = nnx.graphdef(abs_model)
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   shards = config.mesh.batch_shards or sharding.batch_shards(mesh)
   init = jax.jit(functools.partial(create_state, config, spec, tx), out_shardings=shardings)
