@@ -279,17 +279,18 @@ class Logger:
 
   def progress(self, step: int, metrics: dict[str, float]) -> None:
     now = time.time()
+    speed = "warming up"
     if self.s0 is None:  # the first interval includes compilation: time from here on
       self.t0, self.s0 = now, step
-      rate = float("nan")
-    else:
+    elif step > self.s0:
       rate = (step - self.s0) * self.batch_size / max(now - self.t0, 1e-9)
-    eta = (self.total_steps - step) * self.batch_size / rate if rate == rate and rate > 0 else 0
-    self.scalars(step, metrics if rate != rate else dict(metrics, samples_per_sec=rate))
-    logging.info("step %d/%d | loss %.4f (contrastive %.4f, reconstruction %.4f) | "
-                 "%.1f samples/s | ETA %s", step, self.total_steps, metrics["loss"],
-                 metrics["contrastive"], metrics["reconstruction"], rate,
-                 time.strftime("%H:%M:%S", time.gmtime(eta)))
+      eta = (self.total_steps - step) * self.batch_size / rate
+      speed = f"{rate:.1f} samples/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+      metrics = dict(metrics, samples_per_sec=rate)
+    self.scalars(step, metrics)
+    logging.info("step %d/%d | loss %.4f (contrastive %.4f, reconstruction %.4f) | %s", step,
+                 self.total_steps, metrics["loss"], metrics["contrastive"],
+                 metrics["reconstruction"], speed)
 
 
 class StopRequest:
