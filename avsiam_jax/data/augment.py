@@ -17,11 +17,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-try:
-  from avsiam_jax.data.fbank import FBANK_MEAN, FBANK_STD
-except ImportError:  # fbank.py not importable (e.g. jax missing in a tool env).
-  FBANK_MEAN = -5.081
-  FBANK_STD = 4.4849
+from avsiam_jax.data import fbank as fbank_lib
 
 NUM_MEL_BINS = 128
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -53,15 +49,8 @@ def normalize_image(pixels: np.ndarray, out: np.ndarray | None = None) -> np.nda
 # ---------------------------------------------------------------- audio ----
 
 def pad_or_cut(fbank: np.ndarray, frames: int) -> np.ndarray:
-  """float16/32 (T, 128) -> float32 (frames, 128): zero-pad or cut at the end."""
-  out = np.zeros((frames, fbank.shape[1]), np.float32)
-  n = min(frames, fbank.shape[0])
-  out[:n] = fbank[:n]
-  return out
-
-
-def normalize_fbank(fbank: np.ndarray) -> np.ndarray:
-  return (fbank - np.float32(FBANK_MEAN)) * np.float32(1.0 / FBANK_STD)
+  """float16/32 (T, 128) -> a writable float32 copy (frames, 128), padded or cut at the end."""
+  return fbank_lib.pad_or_cut(fbank, frames).astype(np.float32)
 
 
 def time_shift(fbank: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -38,6 +38,7 @@ import grain
 import numpy as np
 
 from avsiam_jax.data import augment
+from avsiam_jax.data import fbank as fbank_lib
 from avsiam_jax.data import records
 
 Batch = dict[str, np.ndarray]
@@ -190,7 +191,7 @@ class _PretrainExample:
     ex = _load(self.source, index)
     t = int(rng.integers(_num_frames(ex)))
     video = augment.normalize_image(_frame(ex, t, self.image_size))
-    audio = augment.normalize_fbank(_audio(ex, self.audio_frames))
+    audio = fbank_lib.normalize(_audio(ex, self.audio_frames))
     if self.time_shift:
       audio = augment.time_shift(audio, rng)
     return {"audio": audio, "video": video, "index": np.int32(index)}
@@ -225,7 +226,7 @@ class _FinetuneExample:
       pixels = lam * pixels.astype(np.float32) + (1 - lam) * _frame(other, t2, self.image_size)
       labels = lam * labels + (1 - lam) * augment.multi_hot(other["labels"], self.num_classes)
     audio = augment.spec_augment(audio, rng, self.freqm, self.timem)
-    audio = augment.normalize_fbank(audio)
+    audio = fbank_lib.normalize(audio)
     if self.time_shift:
       audio = augment.time_shift(audio, rng)
     return {"audio": audio.astype(np.float32, copy=False),
@@ -254,7 +255,7 @@ class _EvalExample:
     video = np.empty((NUM_FRAMES, s, s, 3), np.float32)
     for t in range(NUM_FRAMES):
       augment.normalize_image(_frame(ex, t, s), out=video[t])
-    return {"audio": augment.normalize_fbank(_audio(ex, self.audio_frames)),
+    return {"audio": fbank_lib.normalize(_audio(ex, self.audio_frames)),
             "video": video,
             "labels": augment.multi_hot(ex["labels"], self.num_classes),
             "mask": np.bool_(True), "index": np.int32(index)}
