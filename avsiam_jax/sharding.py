@@ -50,15 +50,15 @@ def logical_to_spec(axes, rules: dict[str, Any]) -> P:
 
 def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules: dict[str, Any]):
   """NamedSharding per parameter from its `logical_axes` metadata, as a pure dict."""
+  def size(axis) -> int:
+    return math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))
+
   def one(v):
     axes = v.get_metadata().get("logical_axes", (None,) * v.ndim)
-    spec = logical_to_spec(axes, rules)
-    for dim, axis in zip(v.shape, spec):
-      size = math.prod(mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ()))
-      if dim % size:
-        # Leave a dimension that does not split evenly unsharded rather than pad it.
-        spec = P(*(None if s is axis else s for s in spec))
-    return NamedSharding(mesh, spec)
+    # A dimension that does not split evenly stays unsharded rather than padded.
+    spec = [a if dim % size(a) == 0 else None
+            for dim, a in zip(v.shape, logical_to_spec(axes, rules))]
+    return NamedSharding(mesh, P(*spec))
   shardings = jax.tree.map(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(shardings)
 
