@@ -17,7 +17,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from avsiam_jax import checkpoint, losses, masking, sharding
+from avsiam_jax import checkpoint, masking, pretraining, sharding
 from avsiam_jax.data import demo, pipeline, records
 from avsiam_jax.evaluators import retrieval
 from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
@@ -127,15 +127,10 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
 
 # ----- Model state --------------------------------------------------------------------------
 
-def loss_names(config) -> tuple[str, ...]:
-  """One optimizer state per entry: both losses together, or one per loss as released."""
-  return ("contrastive", "reconstruction") if config.pretrain.separate_optimizers else ("total",)
-
-
 def create_state(config, spec: AVSiamSpec, tx, key):
   model = AVSiam(spec, rngs=nnx.Rngs(params=key), dtype=DTYPES[config.model.dtype])
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return {"params": params, "opt": {n: tx.init(params) for n in loss_names(config)},
+  return {"params": params, "opt": {n: tx.init(params) for n in pretraining.loss_names(config)},
           "step": jnp.zeros((), jnp.int32)}
 
 
@@ -146,51 +141,11 @@ def state_shardings(config, spec, tx, mesh, abs_model):
   repl = sharding.replicated(mesh)
   opt_sh = {n: optax.tree_map_params(tx, lambda _, s: s, shapes["opt"][n], param_sh,
                                      transform_non_params=lambda _: repl)
-            for n in loss_names(config)}
+            for n in pretraining.loss_names(config)}
   return shapes, {"params": param_sh, "opt": opt_sh, "step": repl}
 
 
 # ----- Update step --------------------------------------------------------------------------
-
-def pretrain_losses(params, graphdef, batch, key, config, batch_shards: int, which: str):
-  """which: 'total', 'contrastive' or 'reconstruction'. Returns (loss, parts)."""
-  model = nnx.merge(graphdef, params)
-  p = config.pretrain
-  k_a, k_v, k_rec = jax.random.split(key, 3)
-  parts = {}
-  if which in ("total", "contrastive"):
-    ratios = tuple(p.mask_ratios)
-    fa = model.multi_ratio_features(batch["audio"], "a", k_a, ratios, batch_shards)
-    fv = model.multi_ratio_features(batch["video"], "v", k_v, ratios, batch_shards)
-    parts["contrastive"] = losses.contrastive_loss(fa, fv, p.tau)
-  if which in ("total", "reconstruction"):
-    parts["reconstruction"] = model.reconstruction_loss(
-        batch["audio"], batch["video"], k_rec, mask_ratio=p.mae_mask_ratio,
-        stop_gradient=p.mae_stop_gradient)
-  return sum(parts.values()), parts
-
-
-def train_step(state, batch, base_key, *, graphdef, tx, schedule, config, batch_shards):
-  key = jax.random.fold_in(base_key, state["step"])
-  params, opt, metrics = state["params"], dict(state["opt"]), {}
-  for name in loss_names(config):
-    # With separate optimizers the reconstruction step sees the contrastive update, as released.
-    grad_fn = jax.value_and_grad(pretrain_losses, has_aux=True)
-    (loss, parts), grads = grad_fn(params, graphdef, batch, key, config, batch_shards, name)
-    updates, opt[name] = tx.update(grads, opt[name], params)
-    params = optax.apply_updates(params, updates)
-    metrics.update(parts)
-    metrics[f"grad_norm_{name}"] = optax.tree.norm(grads)
-  metrics["loss"] = sum(metrics[k] for k in ("contrastive", "reconstruction"))
-  metrics["lr"] = schedule(state["step"])
-  return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
-
-
-def embed_step(params, batch, *, graphdef):
-  """Unmasked pooled audio and video features (one frame per clip) for retrieval."""
-  model = nnx.merge(graphdef, params)
-  return model.features(batch["audio"], "a"), model.features(batch["video"], "v")
-
 
 class TrainFns(NamedTuple):
   init: Callable       # key -> state
@@ -214,11 +169,11 @@ def make_train_fns(config, mesh, steps_per_epoch: int) -> TrainFns:
   shards = config.mesh.batch_shards or sharding.batch_shards(mesh)
   init = jax.jit(functools.partial(create_state, config, spec, tx), out_shardings=shardings)
   step = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=config,
+      functools.partial(pretraining.train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=config,
                         batch_shards=shards),
       in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
       donate_argnums=(0,))
-  embed = jax.jit(functools.partial(embed_step, graphdef=graphdef),
+  embed = jax.jit(functools.partial(pretraining.embed_step, graphdef=graphdef),
                   in_shardings=(shardings["params"], batch_sh))
   return TrainFns(init, step, embed, checkpoint.abstract_with_shardings(shapes, shardings),
                   graphdef, shards)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from avsiam_jax import checkpoint, sharding, train
+from avsiam_jax import checkpoint, pretraining, sharding, train
 from configs import demo as demo_config
 
 
@@ -60,7 +60,7 @@ def loss_and_grads(config, mesh, batch):
   fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
   params = fns.init(jax.random.key(0))["params"]
   def loss_fn(params, batch):
-    return train.pretrain_losses(params, fns.graphdef, batch, jax.random.key(1), config,
+    return pretraining.pretrain_losses(params, fns.graphdef, batch, jax.random.key(1), config,
                                  fns.batch_shards, "total")[0]
   loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, sharding.global_batch(batch, mesh))
   return loss, grads
