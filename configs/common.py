@@ -25,7 +25,7 @@ def get_common_config() -> ml_collections.ConfigDict:
   c.model.decoder_norm_eps = 1e-6
   c.model.separate_audio_patch = False   # released checkpoints: audio projection of its own
   c.model.dtype = "float32"              # compute dtype; "bfloat16" keeps float32 weights
-
+  c.model.remat = False                  # recompute each block in the backward pass (less memory)
 
   # Weights to start from when the workdir has no checkpoint: a directory written by
   # `python -m avsiam_jax.weights.convert`, or a source file (format vitjax, timm or avsiam).
@@ -53,6 +53,8 @@ def get_common_config() -> ml_collections.ConfigDict:
   # Global. The paper uses 1536, which does not split into 5 mask-ratio groups; 1600 does,
   # on 16, 32 or 64 devices alike.
   c.batch_size = 1600
+  # Micro-batches per step (gradient accumulation); the update equals the full batch's.
+  c.accum_steps = 1
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ""                        # a dataset built by `python -m data_prep.build`

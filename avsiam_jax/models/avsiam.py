@@ -67,16 +67,21 @@ class AVSiam(nnx.Module):
     e.audio_posemb[...] = resize_posemb(e.video_posemb[...], e.spec.video_grid,
                                         e.spec.audio_grid, e.spec.audio_posemb_init)
 
+  def encoder_for(self, modality: str) -> Encoder:
+    """The encoder of a modality: the same one for both (a separate-encoder baseline overrides)."""
+    del modality
+    return self.encoder
+
   # ----- contrastive branch ---------------------------------------------------------------
 
   def features(self, x, modality: str):
     """Unmasked mean-pooled features (B, D), float32."""
-    return self.encoder(x, modality).astype(jnp.float32).mean(axis=1)
+    return self.encoder_for(modality)(x, modality).astype(jnp.float32).mean(axis=1)
 
   def multi_ratio_features(self, x, modality: str, key, ratios: Sequence[float],
                            batch_shards: int):
     """Mean-pooled features (B, D) with each ratio group masked at its own ratio."""
-    enc = self.encoder
+    enc = self.encoder_for(modality)
     tokens = enc.embed(enc.patches(x, modality), modality)
     n = tokens.shape[1]
     key_perm, key_mask = jax.random.split(key)
@@ -94,10 +99,10 @@ class AVSiam(nnx.Module):
 
   def reconstruction_loss(self, audio, video, key, *, mask_ratio: float, stop_gradient: bool):
     """Masked-patch MSE, audio + video, from one pass at `mask_ratio`."""
-    enc = self.encoder
     inputs = {"a": audio, "v": video}
     kept, restore, targets, n_keep = {}, {}, {}, {}
     for i, m in enumerate(MODALITIES):
+      enc = self.encoder_for(m)
       patches = enc.patches(inputs[m], m)
       targets[m] = patches.astype(jnp.float32)
       n_keep[m] = masking.kept_count(patches.shape[1], mask_ratio)
