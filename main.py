@@ -22,7 +22,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.run(_CONFIG.value, _WORKDIR.value)
   except train.ConfigError as e:
     sys.exit(f"Config error: {e}")
 

@@ -1,5 +1,57 @@
-"""Settings shared by every config; the model-size configs change what differs."""
+"""Settings shared by every config; the model-size configs change what differs.
+
+`get_config(variant, arg)` reads the `:arg` of `--config=configs/base.py:mode=finetune,dataset=as20k`
+(keys: mode = pretrain | finetune | eval | pretrain+finetune; dataset = as20k | as2m | vggsound |
+custom) and fills the finetuning schedule of the paper's Tables 9-11.
+"""
 import ml_collections
+
+MODES = ("pretrain", "finetune", "eval", "pretrain+finetune")
+DATASETS = ("as20k", "as2m", "vggsound", "custom")
+
+# Paper Tables 9-11, finetuning: (lr, head multiplier, decay start epoch, decay rate,
+# global batch = per-GPU batch x GPUs). Decay every epoch, 15 epochs, for all.
+FINETUNE_TABLE = {
+    "B/16": {"as20k": (1e-4, 100, 2, 0.75, 8 * 4), "as2m": (5e-6, 50, 5, 0.75, 32 * 4),
+             "vggsound": (5e-5, 10, 2, 0.75, 32 * 4)},
+    "L/16": {"as20k": (5e-5, 100, 2, 0.75, 8 * 4), "as2m": (5e-6, 50, 2, 0.5, 16 * 8),
+             "vggsound": (5e-6, 50, 2, 0.5, 16 * 8)},
+    "H/14": {"as20k": (1e-5, 100, 5, 0.5, 4 * 8), "as2m": (5e-6, 50, 2, 0.5, 4 * 8),
+             "vggsound": (5e-6, 50, 2, 0.5, 4 * 8)},
+}
+
+
+def parse_arg(arg) -> dict[str, str]:
+  """"mode=finetune,dataset=as20k" -> dict; unknown keys or values are an error."""
+  out = {"mode": "pretrain", "dataset": "custom"}
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in out:
+      raise ValueError(f"config arg {item!r}: expected mode=... or dataset=...")
+    out[key] = value
+  if out["mode"] not in MODES:
+    raise ValueError(f"config arg mode={out['mode']!r}: must be one of {MODES}")
+  if out["dataset"] not in DATASETS:
+    raise ValueError(f"config arg dataset={out['dataset']!r}: must be one of {DATASETS}")
+  return out
+
+
+def get_config(variant: str, arg=None) -> ml_collections.ConfigDict:
+  args = parse_arg(arg)
+  c = get_common_config()
+  c.model.variant = variant
+  c.mode = args["mode"]
+  f = c.finetune
+  f.dataset = args["dataset"]
+  if f.dataset != "custom":
+    f.lr, f.head_lr_mult, f.decay_start_epoch, f.decay_rate, f.batch_size = (
+        FINETUNE_TABLE[variant][f.dataset])
+    f.decay_every_epochs, f.epochs = 1, 15
+    f.balanced = f.dataset in ("as2m", "vggsound")
+    f.loss = "ce" if f.dataset == "vggsound" else "bce"
+  if c.mode != "pretrain":
+    c.eval.max_clips = 0  # classification over the whole eval split
+  return c
 
 
 def get_common_config() -> ml_collections.ConfigDict:
@@ -64,11 +116,36 @@ def get_common_config() -> ml_collections.ConfigDict:
   c.data.worker_count = 0
   c.data.demo = False                    # generate the built-in demo dataset into the workdir
 
+  # Finetuning (mode finetune): the classifier on the pretrained encoder and multimodal blocks.
+  # Adam's betas and weight decay come from `optim`.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.dataset = "custom"
+  c.finetune.init_checkpoint = ""        # a pretraining workdir or its checkpoints/<step>
+  c.finetune.loss = "bce"                # "bce" (multi-label, sigmoid) or "ce" (single-label)
+  c.finetune.lr = 1e-4
+  c.finetune.head_lr_mult = 100.0        # the three heads
+  c.finetune.mm_lr_mult = 1.0            # the multimodal blocks
+  c.finetune.decay_start_epoch = 2
+  c.finetune.decay_rate = 0.75
+  c.finetune.decay_every_epochs = 1
+  c.finetune.epochs = 15
+  c.finetune.total_steps = ml_collections.config_dict.placeholder(int)
+  c.finetune.batch_size = 32
+  c.finetune.balanced = False            # class-balanced sampling with replacement
+  c.finetune.mixup = 0.5
+  c.finetune.label_smoothing = 0.1
+  c.finetune.freqm = 48
+  c.finetune.timem = 192
+  # Probability of an audio-visual, audio-only and visual-only step.
+  c.finetune.modality_mix = (0.5, 0.25, 0.25)
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0                 # 0: only at the end of training
-  c.eval.max_clips = 1725
+  c.eval.max_clips = 1725                # clips of the eval split to use; 0: all
+  c.eval.retrieval_clips = 1725          # zero-shot retrieval over the first of those
   c.eval.batch_size = 64
-  c.eval.frame = 5                       # the middle of the 10 stored frames
+  c.eval.frame = 5                       # the middle of the 10 stored frames (retrieval)
+  c.eval.plot_classes = 10               # embedding plot: the most frequent classes
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

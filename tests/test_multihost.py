@@ -105,12 +105,12 @@ def test_two_processes_match_one(tmp_path):
     assert (o["local_devices"], o["global_devices"]) == (LOCAL_DEVICES, num_devices)
   # Every process computes the same (all-gathered) retrieval metrics.
   assert outputs[0]["results"] == outputs[1]["results"]
-  assert outputs[0]["results"]["step"] == STEPS and outputs[0]["results"]["num_clips"] == 8
+  assert outputs[0]["results"]["step"] == STEPS and outputs[0]["results"]["retrieval"]["num_clips"] == 8
 
   # Losses per step, as logged by process 0, match the one-process run.
   scalars = read_scalars(os.path.join(workdir, "tensorboard"))
   for name in ("loss", "contrastive", "reconstruction", "grad_norm_total"):
-    got = [scalars[name][s] for s in range(1, STEPS + 1)]
+    got = [scalars[f"train/{name}"][s] for s in range(1, STEPS + 1)]
     np.testing.assert_allclose(got, [float(m[name]) for m in want], rtol=1e-5, atol=1e-5,
                                err_msg=name)
   # Process 0 alone writes TensorBoard and results.json; the checkpoint is written once.

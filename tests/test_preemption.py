@@ -30,7 +30,7 @@ def dataset(tmp_path_factory):
 
 
 def config_for(data_dir, total_steps):
-  c = demo_config.get_config()
+  c = demo_config.get_config("mode=pretrain")
   for key, value in dict(OVERRIDES, **{"data.dir": data_dir, "total_steps": total_steps}).items():
     *parents, leaf = key.split(".")
     node = c
@@ -46,7 +46,8 @@ def launch(workdir, data_dir, total_steps, log):
            dict(OVERRIDES, **{"data.dir": data_dir, "total_steps": total_steps}).items()]
   with open(log, "w") as f:
     return subprocess.Popen(
-        [sys.executable, "main.py", "--config=configs/demo.py", f"--workdir={workdir}", *flags],
+        [sys.executable, "main.py", "--config=configs/demo.py:mode=pretrain",
+         f"--workdir={workdir}", *flags],
         cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
 
 
@@ -67,7 +68,7 @@ def wait_for(condition, proc, log, timeout=300):
 
 
 def losses(workdir):
-  return read_scalars(os.path.join(workdir, "tensorboard")).get("loss", {})
+  return read_scalars(os.path.join(workdir, "tensorboard")).get("train/loss", {})
 
 
 def test_sigkill_then_restart_matches_uninterrupted(tmp_path, dataset):

@@ -12,7 +12,7 @@ from configs import demo as demo_config
 
 def tiny_config(batch=40):
   """The demo config at test size; 40 clips split into 5 ratio groups on 8 virtual devices."""
-  c = demo_config.get_config()
+  c = demo_config.get_config("mode=pretrain")
   c.model.variant = "test"
   c.model.image_size = 32
   c.model.audio_frames = 32
@@ -140,6 +140,7 @@ def test_demo_end_to_end_and_resume(tmp_path):
   assert results["step"] == 4
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
+  saved = saved["retrieval"]
   assert saved["num_clips"] == 10
   for k in ("v2a_r1", "v2a_r5", "a2v_r1", "a2v_r5"):
     assert 0 <= saved[k] <= 100

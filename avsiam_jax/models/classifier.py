@@ -54,6 +54,14 @@ class AVSiamClassifier(nnx.Module):
     self.head_v = Head(d, spec.num_classes, **kw)
     self.head_av = Head(2 * d, spec.num_classes, **kw)
 
+  def fuse(self, a_BxNaxD, v_BxNvxD):
+    """Audio and video tokens through the multimodal blocks -> [mean audio, mean video] (B, 2D)."""
+    x = jnp.concatenate([a_BxNaxD, v_BxNvxD], axis=1)
+    for block in self.mm_blocks:
+      x = block(x, "x")
+    n = a_BxNaxD.shape[1]
+    return jnp.concatenate([x[:, :n].mean(axis=1), x[:, n:].mean(axis=1)], axis=-1)
+
   def features(self, audio=None, video=None):
     """Pooled head input: (B, D) for one modality, (B, 2D) for both, in the compute dtype."""
     if audio is None and video is None:
@@ -62,18 +70,31 @@ class AVSiamClassifier(nnx.Module):
       return self.encoder(audio, "a").mean(axis=1)
     if audio is None:
       return self.encoder(video, "v").mean(axis=1)
-    a = self.encoder(audio, "a")
-    x = jnp.concatenate([a, self.encoder(video, "v")], axis=1)
-    for block in self.mm_blocks:
-      x = block(x, "x")
-    n = a.shape[1]
-    return jnp.concatenate([x[:, :n].mean(axis=1), x[:, n:].mean(axis=1)], axis=-1)
+    return self.fuse(self.encoder(audio, "a"), self.encoder(video, "v"))
 
   def __call__(self, audio=None, video=None):
     """Logits (B, num_classes): the audio, video or audio-visual head by what is given."""
     f = self.features(audio, video)
     head = self.head_a if video is None else self.head_v if audio is None else self.head_av
     return head(f).astype(jnp.float32)
+
+  def clip_outputs(self, audio_BxTxF, frames_BxFxHxWx3):
+    """Everything evaluation needs from a clip and all its frames, audio encoded once.
+
+    Returns float32 logits {'a': (B, C), 'v': (B, F, C), 'av': (B, F, C)} (one audio-visual
+    prediction per frame) and the pooled encoder features {'a': (B, D), 'v': (B, F, D)}.
+    """
+    b, f = frames_BxFxHxWx3.shape[:2]
+    a = self.encoder(audio_BxTxF, "a")
+    v = self.encoder(frames_BxFxHxWx3.reshape(b * f, *frames_BxFxHxWx3.shape[2:]), "v")
+    feat_a, feat_v = a.mean(axis=1), v.mean(axis=1)
+    fused = self.fuse(jnp.repeat(a, f, axis=0), v)
+    logits = {"a": self.head_a(feat_a),
+              "v": self.head_v(feat_v).reshape(b, f, -1),
+              "av": self.head_av(fused).reshape(b, f, -1)}
+    feats = {"a": feat_a, "v": feat_v.reshape(b, f, -1)}
+    f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+    return f32(logits), f32(feats)
 
 
 def _flat(tree, prefix=()):
