@@ -1,4 +1,5 @@
 """Entry point: python main.py --config=configs/demo.py --workdir=/tmp/avsiam_demo"""
+import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -16,10 +17,18 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Keeps Orbax's per-save INFO lines out of the progress log; its warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train.run(_CONFIG.value, _WORKDIR.value)

@@ -289,7 +289,8 @@ def pretrained_avsiam_params(config) -> dict:
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
       lambda: AVSiam(model_spec(config), rngs=nnx.Rngs(0))), nnx.Param))
   if is_finetune(config) and config.finetune.init_checkpoint:
-    return inference.restore_params(config.finetune.init_checkpoint, abstract)
+    return jax.device_get(inference.restore_params(
+        inference.load_run(config.finetune.init_checkpoint), abstract))
   from avsiam_jax.weights import load  # pylint: disable=g-import-not-at-top
   fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
   return load.init_params(config.model_init, config.model_init_format, model_spec(config), fresh)
@@ -481,6 +482,12 @@ def _prepare(config, workdir: str):
   info = records.read_info(ds_dir)
   if is_finetune(config) and not info.get("label_names"):
     raise ConfigError(f"{ds_dir}: the dataset has no label names; finetuning needs labels")
+  if is_finetune(config) and config.finetune.init_checkpoint:
+    from avsiam_jax import inference  # pylint: disable=g-import-not-at-top
+    try:
+      inference.load_run(config.finetune.init_checkpoint)
+    except inference.CheckpointError as e:
+      raise ConfigError(f"config.finetune.init_checkpoint: {e}") from e
   return mesh, ds_dir, info
 
 
@@ -575,26 +582,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def evaluate_run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """mode=eval: the latest checkpoint of the run in `workdir` on the configured eval split."""
   from avsiam_jax import inference  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise ConfigError(f"mode=eval: {path} does not exist; point --workdir at a training run")
-  with open(path) as f:
-    run_mode = json.load(f)["mode"]
+  try:
+    run = inference.load_run(workdir)
+  except inference.CheckpointError as e:
+    raise ConfigError(f"mode=eval needs --workdir to be a training run: {e}") from e
   config = ml_collections.ConfigDict(config.to_dict())
-  config.mode = "finetune" if run_mode == "finetune" else "pretrain"
+  config.mode = "finetune" if run.config.mode == "finetune" else "pretrain"
   mesh, ds_dir, info = _prepare(config, workdir)
   num_classes = len(info.get("label_names", [])) if is_finetune(config) else 0
   fns = make_train_fns(config, mesh, 1, num_classes)
-  step = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0,
-                                 keep=1).latest_step()
-  if step is None:
-    raise ConfigError(f"mode=eval: no checkpoint in {workdir}/checkpoints")
-  params = _place(inference.restore_params(workdir, jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), fns.abstract_state["params"])), fns)
+  params = _place(jax.device_get(inference.restore_params(run, fns.abstract_state["params"])),
+                  fns)
   results = evaluate(config, ds_dir, params, fns.evaluate, mesh,
                      plot_path=os.path.join(workdir, "embeddings.png"))
-  results = dict(results, step=step, split=config.data.eval_split)
-  Logger(workdir, step, 1).scalars(step, flat_scalars(results))
+  results = dict(results, step=run.step, split=config.data.eval_split)
+  Logger(workdir, run.step, 1).scalars(run.step, flat_scalars(results))
   _write_json(os.path.join(workdir, f"eval_{config.data.eval_split}.json"), results)
-  logging.info("Checkpoint step %d on %s: %s", step, config.data.eval_split, summary(results))
+  logging.info("Checkpoint step %d on %s: %s", run.step, config.data.eval_split, summary(results))
   return results

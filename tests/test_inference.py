@@ -1,0 +1,317 @@
+"""Inference: run-dir loading, clip preparation vs the eval pipeline, Predictor, Embedder, CLIs."""
+import json
+import os
+import shutil
+
+import av
+import jax
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from avsiam_jax import checkpoint, embed, inference, predict, train
+from avsiam_jax.data import media, pipeline
+from avsiam_jax.models.avsiam import AVSiam
+from avsiam_jax.models.classifier import AVSiamClassifier, ClassifierSpec
+from configs import demo
+from data_prep import build
+
+iscc_samples = pytest.importorskip("iscc_samples")
+SAMPLES = os.path.join(os.path.dirname(iscc_samples.__file__), "files", "video")
+MP4 = os.path.join(SAMPLES, "demo.mp4")
+GIF = os.path.join(SAMPLES, "demo.gif")  # no audio stream
+LABELS = ["dog", "cat", "bird"]
+FRAMES, SIZE = 128, 32
+
+
+def _config(mode, loss=None):
+  c = demo.get_config()
+  c.mode = mode
+  c.model.update(variant="test", image_size=SIZE, audio_frames=FRAMES, decoder_width=32,
+                 decoder_depth=1, decoder_heads=2)
+  if loss is not None:
+    if "finetune" not in c:
+      c.finetune = ml_collections.ConfigDict()
+    c.finetune.loss = loss
+  return c
+
+
+def _random_params(abstract, seed):
+  """numpy values for every parameter: quicker than an initializer's compile, and heads that
+  score classes differently (fresh heads would give near-equal scores)."""
+  rng = np.random.default_rng(seed)
+
+  def value(path, s):
+    x = rng.normal(0.0, 0.1, s.shape).astype(s.dtype)
+    return x + 1 if path[-1].key == "scale" else x
+
+  return jax.tree_util.tree_map_with_path(value, abstract)
+
+
+def _write_run(workdir, config, make_model, steps, labels=None):
+  """A run dir in the trainer's layout; returns {step: (model, params)}."""
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort())
+  if labels is not None:
+    with open(os.path.join(workdir, "label_names.json"), "w") as f:
+      json.dump(labels, f)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=5)
+  graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
+  out = {}
+  for step in steps:
+    params = _random_params(nnx.to_pure_dict(abstract), step)
+    state = jax.tree.map(lambda x: x, abstract)  # a fresh State to fill
+    nnx.replace_by_pure_dict(state, params)
+    # An Adam state in numpy (no compile): the restore must skip it.
+    zeros = jax.tree.map(np.zeros_like, params)
+    opt = (optax.ScaleByAdamState(np.zeros((), np.int32), zeros, zeros), optax.EmptyState())
+    ckpt.save(step, {"params": params, "opt": {"contrastive": opt}, "step": np.int32(step)},
+              {"next_position": step})
+    out[step] = (nnx.merge(graphdef, state), params)
+  ckpt.close()
+  return out
+
+
+def _classifier_maker(config):
+  spec = ClassifierSpec(encoder=train.model_spec(config).encoder, num_classes=len(LABELS),
+                        mm_depth=config.model.mm_depth)
+  return lambda: AVSiamClassifier(spec, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("runs")
+  bce, ce, pre = _config("finetune", "bce"), _config("finetune", "ce"), _config("pretrain")
+  return {
+      "bce": (str(root / "bce"), _write_run(str(root / "bce"), bce, _classifier_maker(bce),
+                                            [3, 5], LABELS)),
+      "ce": (str(root / "ce"), _write_run(str(root / "ce"), ce, _classifier_maker(ce), [1],
+                                          LABELS)),
+      "pre": (str(root / "pre"), _write_run(
+          str(root / "pre"), pre, lambda: AVSiam(train.model_spec(pre), rngs=nnx.Rngs(0)), [2])),
+  }
+
+
+@pytest.fixture(scope="module")
+def media_files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("media")
+  wav = str(d / "tone.wav")  # audio only
+  with av.open(wav, "w") as c:
+    s = c.add_stream("pcm_s16le", rate=16000, layout="mono")
+    t = np.arange(32000) / 16000
+    x = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)[None]
+    frame = av.AudioFrame.from_ndarray(x, format="s16", layout="mono")
+    frame.sample_rate = 16000
+    c.mux(s.encode(frame))
+    c.mux(s.encode(None))
+  silent = str(d / "silent.mkv")  # video plus an all-zero audio track
+  with av.open(silent, "w") as c:
+    vs = c.add_stream("mpeg4", rate=10)
+    vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+    s = c.add_stream("pcm_s16le", rate=16000, layout="mono")
+    for i in range(15):
+      img = np.full((48, 64, 3), 10 * i, np.uint8)
+      c.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+    c.mux(vs.encode(None))
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 24000), np.int16), format="s16",
+                                       layout="mono")
+    frame.sample_rate = 16000
+    c.mux(s.encode(frame))
+    c.mux(s.encode(None))
+  broken = str(d / "broken.mp4")
+  with open(broken, "wb") as f:
+    f.write(np.random.default_rng(0).integers(0, 256, 50_000, dtype=np.uint8).tobytes())
+  return {"wav": wav, "silent": silent, "broken": broken}
+
+
+@pytest.fixture(scope="module")
+def predictor(runs):
+  return inference.Predictor.load(runs["bce"][0])
+
+
+# The classifier's own call, compiled (op-by-op eager dispatch compiles every op: slower).
+_av = nnx.jit(lambda m, a, v: m(audio=a, video=v))
+_a = nnx.jit(lambda m, a: m(audio=a))
+_v = nnx.jit(lambda m, v: m(video=v))
+_features = nnx.jit(lambda m, x, modality: m.features(x, modality), static_argnums=2)
+_pooled = nnx.jit(lambda enc, x, modality: enc(x, modality).mean(axis=1), static_argnums=2)
+
+
+def _prep(path):
+  return inference.prepare_clip(path, audio_frames=FRAMES, image_size=SIZE)
+
+
+# ----- clip preparation ---------------------------------------------------------------------
+
+def test_prepare_equals_eval_pipeline(tmp_path):
+  folder = tmp_path / "videos"
+  folder.mkdir()
+  shutil.copy(MP4, folder / "a.mp4")
+  build.build(str(folder), str(tmp_path / "ds"), verbose=False)
+  batch = next(pipeline.make_eval_iterator(str(tmp_path / "ds"), "train", batch_size=1,
+                                           audio_frames=FRAMES, image_size=SIZE))
+  clip = _prep(folder / "a.mp4")
+  assert (clip.modality, clip.reason) == ("audio-visual", "")
+  assert clip.audio.dtype == clip.video.dtype == np.float32
+  np.testing.assert_array_equal(clip.audio, batch["audio"][0])
+  np.testing.assert_array_equal(clip.video, batch["video"][0])
+
+
+def test_prepare_fallbacks_and_errors(media_files, tmp_path):
+  gif = _prep(GIF)
+  assert (gif.modality, gif.reason, gif.audio) == ("visual-only", "no audio stream", None)
+  assert gif.video.shape == (10, SIZE, SIZE, 3)
+  wav = _prep(media_files["wav"])
+  assert (wav.modality, wav.reason, wav.video) == ("audio-only", "no video stream", None)
+  assert wav.audio.shape == (FRAMES, 128)
+  silent = _prep(media_files["silent"])
+  assert (silent.modality, silent.reason, silent.audio) == ("visual-only", "silent audio track",
+                                                            None)
+  assert silent.video.shape == (10, SIZE, SIZE, 3)
+  with pytest.raises(media.ClipError) as e:
+    _prep(media_files["broken"])
+  assert e.value.reason == "unreadable" and "broken.mp4" in str(e.value)
+  with pytest.raises(media.ClipError, match="missing_file"):
+    _prep(tmp_path / "nope.mp4")
+
+
+# ----- loading ------------------------------------------------------------------------------
+
+def _params_equal(a, b):
+  return all(jax.tree.leaves(jax.tree.map(lambda x, y: np.array_equal(x, y), a, b)))
+
+
+def _loaded(p):
+  return nnx.to_pure_dict(p._state)  # pylint: disable=protected-access
+
+
+def test_workdir_and_step_dir(runs, predictor):
+  workdir, saved = runs["bce"]
+  assert predictor.run.step == 5
+  assert _params_equal(_loaded(predictor), saved[5][1])
+  step5 = inference.Predictor.load(os.path.join(workdir, "checkpoints", "5"))
+  assert _params_equal(_loaded(step5), _loaded(predictor))
+  step3 = inference.Predictor.load(os.path.join(workdir, "checkpoints", "3"))
+  assert step3.run.step == 3
+  assert _params_equal(_loaded(step3), saved[3][1])
+  assert not _params_equal(_loaded(step3), _loaded(predictor))
+
+
+@pytest.mark.parametrize("where", ["nope", "checkpoints", "checkpoints/4"])
+def test_bad_checkpoint_path(runs, where):
+  path = os.path.join(runs["bce"][0], where)
+  with pytest.raises(inference.CheckpointError) as e:
+    inference.Predictor.load(path)
+  assert path in str(e.value)
+
+
+def test_params_not_matching_config(runs, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(runs["bce"][0], workdir)
+  with open(os.path.join(workdir, "label_names.json"), "w") as f:
+    json.dump(LABELS + ["fish"], f)  # 4 classes, heads saved with 3
+  with pytest.raises(inference.CheckpointError, match="do not match") as e:
+    inference.Predictor.load(workdir)
+  assert os.path.join(workdir, "checkpoints", "5") in str(e.value)
+
+
+def test_pretrain_refused(runs):
+  with pytest.raises(inference.CheckpointError, match="pretraining run.*embed"):
+    inference.Predictor.load(runs["pre"][0])
+
+
+# ----- prediction ---------------------------------------------------------------------------
+
+def test_predict_audio_visual_and_visual_only(runs, predictor):
+  model = runs["bce"][1][5][0]
+  clip = _prep(MP4)
+  p = predictor.predict(MP4, top_k=2)
+  assert (p.modality, p.reason) == ("audio-visual", "")
+  audio = np.repeat(clip.audio[None], 10, axis=0)
+  want = np.asarray(jax.nn.sigmoid(_av(model, audio, clip.video))).mean(0)
+  np.testing.assert_allclose(p.probs, want, rtol=1e-5, atol=1e-6)
+  assert p.probs.shape == (3,) and not np.allclose(p.probs, p.probs[0])
+  order = np.argsort(-want)
+  assert [n for n, _ in p.top] == [LABELS[i] for i in order[:2]]
+  assert [s for _, s in p.top] == pytest.approx(want[order[:2]], rel=1e-5)
+
+  g = predictor.predict(GIF)
+  assert (g.modality, g.reason) == ("visual-only", "no audio stream")
+  want = np.asarray(jax.nn.sigmoid(_v(model, _prep(GIF).video))).mean(0)
+  np.testing.assert_allclose(g.probs, want, rtol=1e-5, atol=1e-6)
+  assert len(g.top) == 3
+
+
+def test_predict_audio_only_softmax(runs, media_files):
+  model = runs["ce"][1][1][0]
+  p = inference.Predictor.load(runs["ce"][0]).predict(media_files["wav"])
+  assert (p.modality, p.reason) == ("audio-only", "no video stream")
+  want = np.asarray(jax.nn.softmax(_a(model, _prep(media_files["wav"]).audio[None])))[0]
+  np.testing.assert_allclose(p.probs, want, rtol=1e-5, atol=1e-6)
+  assert p.probs.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_cli(runs, media_files, capsys):
+  rc = predict.main(["--checkpoint", runs["bce"][0], "--top_k", "2", MP4,
+                     media_files["broken"], GIF])
+  out, err = capsys.readouterr()
+  assert rc == 1
+  assert f"{MP4}: audio-visual\n" in out
+  assert f"{GIF}: visual-only (no audio stream)\n" in out
+  assert len([l for l in out.splitlines() if l.startswith("  ")]) == 4  # 2 classes x 2 files
+  errors = err.strip().splitlines()
+  assert len(errors) == 1 and media_files["broken"] in errors[0] and "unreadable" in errors[0]
+
+
+# ----- embeddings ---------------------------------------------------------------------------
+
+def test_embed_cli(runs, media_files, tmp_path, capsys):
+  folder = tmp_path / "in"
+  (folder / "sub").mkdir(parents=True)
+  shutil.copy(MP4, folder / "sub" / "b.mp4")
+  shutil.copy(GIF, folder / "a.gif")
+  shutil.copy(media_files["broken"], folder / "c.mp4")
+  (folder / "notes.txt").write_text("not a video")
+  out = str(tmp_path / "emb.npz")
+  rc = embed.main(["--checkpoint", runs["pre"][0], "--out", out, str(folder),
+                   media_files["wav"]])
+  err = capsys.readouterr().err
+  assert rc == 0
+  assert "c.mp4" in err and "unreadable" in err
+  z = np.load(out)
+  want_paths = [str(folder / "a.gif"), str(folder / "sub" / "b.mp4"), media_files["wav"]]
+  assert z["paths"].tolist() == want_paths
+  assert z["audio"].shape == z["video"].shape == (3, 32)
+  assert z["audio"].dtype == z["video"].dtype == np.float32
+  assert z["has_audio"].tolist() == [False, True, True]
+  assert z["has_video"].tolist() == [True, True, False]
+  assert not z["audio"][0].any() and not z["video"][2].any()
+  assert z["skipped"].shape == (1, 2) and z["skipped"][0, 0] == str(folder / "c.mp4")
+  assert z["skipped"][0, 1].startswith("unreadable")
+
+  # The retrieval eval's features: pooled audio, pooled middle frame.
+  model = runs["pre"][1][2][0]
+  mp4 = _prep(MP4)
+  np.testing.assert_allclose(z["audio"][1], _features(model, mp4.audio[None], "a")[0],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(z["video"][1], _features(model, mp4.video[5][None], "v")[0],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(z["video"][0], _features(model, _prep(GIF).video[5][None], "v")[0],
+                             rtol=1e-5, atol=1e-5)
+
+  assert embed.main(["--checkpoint", runs["pre"][0], "--out", out,
+                     media_files["broken"]]) == 1
+  assert np.load(out)["paths"].shape == (0,)
+
+
+def test_embedder_on_finetune_run(runs):
+  model = runs["bce"][1][5][0]
+  a, v = inference.Embedder.load(runs["bce"][0]).embed(MP4)
+  clip = _prep(MP4)
+  np.testing.assert_allclose(a, _pooled(model.encoder, clip.audio[None], "a")[0],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(v, _pooled(model.encoder, clip.video[5:6], "v")[0],
+                             rtol=1e-5, atol=1e-5)
