@@ -59,10 +59,36 @@ def untake_groups(groups: Sequence[jax.Array], perm_SxGxg):
   return out.reshape(-1, *out.shape[2:])
 
 
+def mask_noise(key, batch: int, num_tokens: int):
+  """Per-token noise; the tokens with the smallest values are kept."""
+  return jax.random.uniform(key, (batch, num_tokens))
+
+
+def multi_ratio_masks(key, batch: int, num_tokens: int, ratios: Sequence[float],
+                      batch_shards: int):
+  """Everything random in multi-ratio masking, drawn for the whole batch.
+
+  Returns the (S, G, g) group permutation and per group its (S * g, N) noise, None where the
+  ratio keeps every token.
+  """
+  key_perm, key_mask = jax.random.split(key)
+  perm = group_permutation(key_perm, batch, len(ratios), batch_shards)
+  s, _, g = perm.shape
+  noise = tuple(
+      mask_noise(jax.random.fold_in(key_mask, k), s * g, num_tokens)
+      if kept_count(num_tokens, r) < num_tokens else None for k, r in enumerate(ratios))
+  return perm, noise
+
+
 def random_keep(key, x_BxNxD, num_keep: int):
   """Keeps num_keep distinct random tokens per example; returns (kept, ids_keep, ids_restore)."""
   b, n = x_BxNxD.shape[:2]
-  ids_shuffle = jnp.argsort(jax.random.uniform(key, (b, n)), axis=1)
+  return keep_by_noise(mask_noise(key, b, n), x_BxNxD, num_keep)
+
+
+def keep_by_noise(noise_BxN, x_BxNxD, num_keep: int):
+  """random_keep with its noise given: keeps the num_keep tokens of lowest noise."""
+  ids_shuffle = jnp.argsort(noise_BxN, axis=1)
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
   ids_keep = ids_shuffle[:, :num_keep]
   kept = jnp.take_along_axis(x_BxNxD, ids_keep[..., None], axis=1)
@@ -72,3 +98,29 @@ def random_keep(key, x_BxNxD, num_keep: int):
 def masked_positions(ids_restore_BxN, num_keep: int):
   """1.0 where a token was masked, in the original token order."""
   return (ids_restore_BxN >= num_keep).astype(jnp.float32)
+
+
+# ----- Micro-batches (gradient accumulation) ----------------------------------------------
+# Micro-batch m takes rows [m * r / M, (m + 1) * r / M) of each shard's r rows, for the batch
+# and for every ratio group alike, so a device still only touches its own examples and the
+# micro-batches together hold exactly the full batch's masks.
+
+def micro_rows(x_RxN, m, accum_steps: int, batch_shards: int):
+  """Micro-batch m (may be traced) of a shard-major array: (S * r, ...) -> (S * r / M, ...)."""
+  x = x_RxN.reshape(batch_shards, -1, *x_RxN.shape[1:])
+  r = x.shape[1] // accum_steps
+  part = jax.lax.dynamic_slice_in_dim(x, m * r, r, axis=1)
+  return part.reshape(batch_shards * r, *x.shape[2:])
+
+
+def join_micro(x_MxRxN, batch_shards: int):
+  """Inverse of micro_rows over all m: (M, S * r / M, ...) stacked -> (S * r, ...)."""
+  x = x_MxRxN.reshape(x_MxRxN.shape[0], batch_shards, -1, *x_MxRxN.shape[2:])
+  x = jnp.swapaxes(x, 0, 1)
+  return x.reshape(-1, *x.shape[3:])
+
+
+def micro_groups(perm_SxGxg, m, accum_steps: int):
+  """Micro-batch m's rows of every (shard, group): (S, G, g) -> (S, G, g / M)."""
+  gm = perm_SxGxg.shape[2] // accum_steps
+  return jax.lax.dynamic_slice_in_dim(perm_SxGxg, m * gm, gm, axis=2)

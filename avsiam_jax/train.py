@@ -79,8 +79,8 @@ class Stage(NamedTuple):
   batch_size: int
 
 
-def stage(config) -> Stage:
-  if is_finetune(config):
+def stage(config, mode: str | None = None) -> Stage:
+  if (mode or config.mode) == "finetune":
     f = config.finetune
     return Stage(f.lr, f.decay_start_epoch, f.decay_rate, f.decay_every_epochs, f.epochs,
                  f.total_steps, f.batch_size)
@@ -142,13 +142,13 @@ def _check_pretrain(config, data_shards: int) -> None:
     masking.kept_count(1000, r)
   if config.pretrain.tau <= 0:
     raise ValueError(f"config.pretrain.tau must be positive, got {config.pretrain.tau}")
-  pre = ml_collections.ConfigDict(config.to_dict())
-  pre.mode = "pretrain"
-  _check_schedule("", stage(pre), data_shards)
+  _check_schedule("", stage(config, "pretrain"), data_shards)
+  shards = config.mesh.batch_shards or data_shards
   try:
-    masking.check_groups(config.batch_size, len(ratios), config.mesh.batch_shards or data_shards)
+    masking.check_groups(config.batch_size, len(ratios), shards)
   except ValueError as e:
     raise ValueError(f"config.batch_size: {e}") from None
+  pretraining.check_accumulation(config, shards)
 
 
 def _check_finetune(config, data_shards: int) -> None:
@@ -163,9 +163,7 @@ def _check_finetune(config, data_shards: int) -> None:
   if f.head_lr_mult <= 0 or f.mm_lr_mult < 0:
     raise ValueError(f"config.finetune.head_lr_mult ({f.head_lr_mult}) must be positive and "
                      f"mm_lr_mult ({f.mm_lr_mult}) non-negative")
-  ft = ml_collections.ConfigDict(config.to_dict())
-  ft.mode = "finetune"
-  _check_schedule("finetune.", stage(ft), data_shards)
+  _check_schedule("finetune.", stage(config, "finetune"), data_shards)
   if f.init_checkpoint and not os.path.exists(f.init_checkpoint):
     raise ValueError(f"config.finetune.init_checkpoint: {f.init_checkpoint!r} does not exist")
 
@@ -346,7 +344,8 @@ def evaluate(config, ds_dir: str, params, eval_fn, mesh, *, plot_path: str | Non
     embedding_plot.plot_embeddings(
         outs["feat_a"][:n], outs["feat_v"][:n], primary,
         records.read_info(ds_dir).get("label_names", []), plot_path,
-        max_classes=config.eval.plot_classes, title="audio (o) and visual embeddings by class")
+        max_classes=config.eval.plot_classes,
+        title=f"{config.mode}: audio and visual embeddings of the {config.data.eval_split} clips")
   return results
 
 

@@ -8,6 +8,7 @@ patches.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import jax
@@ -78,36 +79,64 @@ class AVSiam(nnx.Module):
     """Unmasked mean-pooled features (B, D), float32."""
     return self.encoder_for(modality)(x, modality).astype(jnp.float32).mean(axis=1)
 
+  def num_tokens(self, modality: str) -> int:
+    spec = self.encoder_for(modality).spec
+    return spec.num_audio_tokens if modality == "a" else spec.num_video_tokens
+
   def multi_ratio_features(self, x, modality: str, key, ratios: Sequence[float],
                            batch_shards: int):
     """Mean-pooled features (B, D) with each ratio group masked at its own ratio."""
+    perm, noise = masking.multi_ratio_masks(key, x.shape[0], self.num_tokens(modality), ratios,
+                                            batch_shards)
+    return masking.untake_groups(self.group_features(x, modality, perm, noise, ratios), perm)
+
+  def group_features(self, x, modality: str, perm_SxGxg, noise, ratios: Sequence[float]):
+    """Pooled features per ratio group, [(S * g, D)] in take_group order.
+
+    perm and noise as from masking.multi_ratio_masks, or one micro-batch's rows of them (then
+    x is still the full batch: each group gathers its rows from it).
+    """
     enc = self.encoder_for(modality)
-    tokens = enc.embed(enc.patches(x, modality), modality)
-    n = tokens.shape[1]
-    key_perm, key_mask = jax.random.split(key)
-    perm = masking.group_permutation(key_perm, tokens.shape[0], len(ratios), batch_shards)
+    n = self.num_tokens(modality)
+    embed = lambda x: enc.embed(enc.patches(x, modality), modality)
+    # The full batch is embedded in one call; a micro-batch embeds only its own examples.
+    full = math.prod(perm_SxGxg.shape) == x.shape[0]
+    tokens = embed(x) if full else None
     pooled = []
     for k, ratio in enumerate(ratios):
-      group = masking.take_group(tokens, perm, k)
-      keep = masking.kept_count(n, ratio)
-      if keep < n:
-        group, _, _ = masking.random_keep(jax.random.fold_in(key_mask, k), group, keep)
+      if full:
+        group = masking.take_group(tokens, perm_SxGxg, k)
+      else:
+        group = embed(masking.take_group(x, perm_SxGxg, k))
+      if noise[k] is not None:
+        group, _, _ = masking.keep_by_noise(noise[k], group, masking.kept_count(n, ratio))
       pooled.append(enc.encode_tokens(group, modality).astype(jnp.float32).mean(axis=1))
-    return masking.untake_groups(pooled, perm)
+    return pooled
 
   # ----- reconstruction branch ------------------------------------------------------------
 
-  def reconstruction_loss(self, audio, video, key, *, mask_ratio: float, stop_gradient: bool):
-    """Masked-patch MSE, audio + video, from one pass at `mask_ratio`."""
+  def reconstruction_noise(self, key, batch: int):
+    """{modality: (B, N)} masking noise of the reconstruction pass."""
+    return {m: masking.mask_noise(jax.random.fold_in(key, i), batch, self.num_tokens(m))
+            for i, m in enumerate(MODALITIES)}
+
+  def reconstruction_loss(self, audio, video, key, *, mask_ratio: float, stop_gradient: bool,
+                          noise=None):
+    """Masked-patch MSE, audio + video, from one pass at `mask_ratio`.
+
+    noise: reconstruction_noise rows for these examples; drawn here from `key` when None.
+    """
+    if noise is None:
+      noise = self.reconstruction_noise(key, audio.shape[0])
     inputs = {"a": audio, "v": video}
     kept, restore, targets, n_keep = {}, {}, {}, {}
-    for i, m in enumerate(MODALITIES):
+    for m in MODALITIES:
       enc = self.encoder_for(m)
       patches = enc.patches(inputs[m], m)
       targets[m] = patches.astype(jnp.float32)
       n_keep[m] = masking.kept_count(patches.shape[1], mask_ratio)
       tokens = enc.embed(patches, m)
-      tokens, _, restore[m] = masking.random_keep(jax.random.fold_in(key, i), tokens, n_keep[m])
+      tokens, _, restore[m] = masking.keep_by_noise(noise[m], tokens, n_keep[m])
       kept[m] = enc.encode_tokens(tokens, m)
     x = jnp.concatenate([kept["a"], kept["v"]], axis=1)
     if stop_gradient:
