@@ -1,4 +1,4 @@
-"""Finetuning update with mixed-modality inputs, and the evaluation outputs of both models."""
+"""Finetuning: the mixed-modality update and the classifier's evaluation outputs."""
 from __future__ import annotations
 
 import jax
@@ -73,10 +73,3 @@ def classifier_eval_step(params, batch, *, graphdef, kind: str, frame: int):
           "probs_v": aggregate_frames(probabilities(logits["v"], kind)),
           "probs_av": aggregate_frames(probabilities(logits["av"], kind)),
           "feat_a": feats["a"], "feat_v": feats["v"][:, frame]}
-
-
-def pretrain_eval_step(params, batch, *, graphdef, frame: int):
-  """Unmasked pooled features, the video's from one frame, for zero-shot retrieval."""
-  model = nnx.merge(graphdef, params)
-  return {"feat_a": model.features(batch["audio"], "a"),
-          "feat_v": model.features(batch["video"][:, frame], "v")}

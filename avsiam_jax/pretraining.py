@@ -142,7 +142,8 @@ def train_step(state, batch, base_key, *, graphdef, tx, schedule, config, batch_
   return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
 
 
-def embed_step(params, batch, *, graphdef):
-  """Unmasked pooled audio and video features (one frame per clip) for retrieval."""
+def eval_step(params, batch, *, graphdef, frame: int):
+  """Unmasked pooled features, the video's from one of its frames, for zero-shot retrieval."""
   model = nnx.merge(graphdef, params)
-  return model.features(batch["audio"], "a"), model.features(batch["video"], "v")
+  return {"feat_a": model.features(batch["audio"], "a"),
+          "feat_v": model.features(batch["video"][:, frame], "v")}

@@ -265,7 +265,7 @@ def make_train_fns(config, mesh, steps_per_epoch: int, num_classes: int = 0) -> 
   else:
     step_fn = functools.partial(pretraining.train_step, graphdef=graphdef, tx=tx,
                                 schedule=schedule, config=config, batch_shards=shards)
-    eval_fn = functools.partial(finetuning.pretrain_eval_step, graphdef=graphdef,
+    eval_fn = functools.partial(pretraining.eval_step, graphdef=graphdef,
                                 frame=config.eval.frame)
   init = jax.jit(functools.partial(create_state, config, num_classes, tx), out_shardings=shardings)
   step = jax.jit(step_fn, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
