@@ -52,7 +52,7 @@ def model_spec(config) -> AVSiamSpec:
       audio_patch_mode=m.audio_patch_mode, audio_posemb_init=m.audio_posemb_init,
       modality_norms=m.modality_norms, double_tokens=m.double_tokens,
       separate_audio_patch=m.separate_audio_patch, block_norm_eps=m.block_norm_eps,
-      final_norm_eps=m.final_norm_eps)
+      final_norm_eps=m.final_norm_eps, remat=m.remat)
   enc.video_grid, enc.audio_grid  # pylint: disable=pointless-statement  # validates sizes
   return AVSiamSpec(encoder=enc, mm_depth=m.mm_depth, decoder_width=m.decoder_width,
                     decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,

@@ -158,3 +158,88 @@ def test_bfloat16_compute_close_to_float32():
   assert bf16.dtype == jnp.float32
   np.testing.assert_allclose(bf16, f32, atol=0.05, rtol=0.05)
   assert not np.array_equal(bf16, f32)
+
+
+def _pretrain_config(**pretrain):
+  from configs import common  # pylint: disable=g-import-not-at-top
+  config = common.get_common_config()
+  config.pretrain.mask_ratios = (0.0, 0.5)
+  config.pretrain.update(pretrain)
+  return config
+
+
+def _small_spec(**encoder):
+  return AVSiamSpec(vit.encoder_spec("test", image_size=32, audio_frames=64, mel_bins=32, **encoder),
+                    decoder_width=16, decoder_depth=1, decoder_heads=2)
+
+
+def _batch(b=4):
+  rng = np.random.default_rng(0)
+  return {"audio": jnp.asarray(rng.normal(size=(b, 64, 32)), jnp.float32),
+          "video": jnp.asarray(rng.normal(size=(b, 32, 32, 3)), jnp.float32)}
+
+
+def _loss_and_grads(model, config, batch):
+  """The pretraining loss and its gradients, jitted over nnx.merge(graphdef, params) as trained."""
+  from avsiam_jax import pretraining  # pylint: disable=g-import-not-at-top
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  def loss(params):
+    return pretraining.pretrain_losses(params, graphdef, batch, jax.random.key(1), config,
+                                       batch_shards=1, which="total")[0]
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+  value, grads = compiled(params)
+  return value, grads, jax.make_jaxpr(loss)(params).jaxpr, compiled.as_text()
+
+
+def _count_checkpoints(jaxpr) -> int:
+  """Checkpointed (rematerialized) calls in a forward jaxpr, nested jaxprs included."""
+  from jax.extend import core  # pylint: disable=g-import-not-at-top
+  n = sum(eqn.primitive.name in ("checkpoint", "remat2") for eqn in jaxpr.eqns)
+  return n + sum(_count_checkpoints(sub) for sub in core.subjaxprs(jaxpr))
+
+
+def test_remat_same_loss_and_gradients():
+  config = _pretrain_config(mae_stop_gradient=False)  # reconstruction grads reach the encoder too
+  batch = _batch()
+  results = [_loss_and_grads(AVSiam(_small_spec(remat=remat), rngs=nnx.Rngs(0)), config, batch)
+             for remat in (False, True)]
+  (loss0, grads0, jaxpr0, hlo0), (loss1, grads1, jaxpr1, hlo1) = results
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-6, atol=1e-6)
+  assert jax.tree.structure(grads0) == jax.tree.structure(grads1)
+  for g0, g1 in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
+    np.testing.assert_allclose(g1, g0, rtol=1e-6, atol=1e-6)
+  assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads1["encoder"]["blocks"])) > 0
+  # Remat is really on: one checkpointed call per encoder block call (2 modalities x 2 ratio
+  # groups for the contrastive loss, 2 modalities for reconstruction) and per multimodal block,
+  # plus the decoder blocks where the model passes the switch on to them.
+  spec = _small_spec()
+  n = spec.encoder.depth * (2 * 2 + 2) + spec.mm_depth
+  assert _count_checkpoints(jaxpr0) == 0
+  assert _count_checkpoints(jaxpr1) in (n, n + spec.decoder_depth)
+  # ... and the compiled backward pass recomputes instead of reading saved activations.
+  assert "rematted_computation" in hlo1 and "rematted_computation" not in hlo0
+
+
+def test_avsep_is_avsiam_with_its_own_audio_encoder():
+  from avsiam_jax.models.avsep import AVSep  # pylint: disable=g-import-not-at-top
+  spec, config, batch = _small_spec(), _pretrain_config(), _batch()
+  siam, sep = AVSiam(spec, rngs=nnx.Rngs(0)), AVSep(spec, rngs=nnx.Rngs(0))
+  count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  assert count(sep) == count(siam) + count(siam.encoder)
+  assert sep.encoder_for("v") is sep.encoder and sep.encoder_for("a") is sep.audio_encoder
+
+  loss_siam, grads_siam, _, _ = _loss_and_grads(siam, config, batch)
+  loss_sep, _, _, _ = _loss_and_grads(sep, config, batch)
+  assert abs(float(loss_sep) - float(loss_siam)) > 1e-4  # a different audio encoder
+  # With the video encoder's weights in the audio encoder, AVSep computes AVSiam's loss, and
+  # the shared encoder's gradient is the sum of the two encoders' gradients.
+  nnx.update(sep.audio_encoder, nnx.state(sep.encoder))
+  loss_copy, grads_copy, _, _ = _loss_and_grads(sep, config, batch)
+  np.testing.assert_allclose(loss_copy, loss_siam, rtol=1e-6)
+  summed = jax.tree.map(jnp.add, grads_copy["encoder"], grads_copy["audio_encoder"])
+  for g0, g1 in zip(jax.tree.leaves(grads_siam["encoder"]), jax.tree.leaves(summed)):
+    np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-6)
+  # Audio alone drives the audio encoder, video alone the other: unused posembs get no gradient.
+  assert float(jnp.abs(grads_copy["audio_encoder"]["video_posemb"]).sum()) == 0
+  assert float(jnp.abs(grads_copy["encoder"]["audio_posemb"]).sum()) == 0

@@ -87,15 +87,29 @@ class Block(nnx.Module):
 
   `streams` names the norm sets, e.g. ("a", "v") for per-modality norms in the shared encoder
   or ("x",) for a single set; attention and MLP weights are always shared.
+  With `remat`, the backward pass recomputes the block's activations from its input instead of
+  keeping them: less memory for about one more forward pass of compute.
   """
 
   def __init__(self, dim: int, heads: int, mlp: int, *, streams: tuple[str, ...], eps: float,
-               rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+               rngs: nnx.Rngs, dtype: Dtype = jnp.float32, remat: bool = False):
     self.norm1 = nnx.Dict({s: LayerNorm(dim, eps=eps, rngs=rngs, dtype=dtype) for s in streams})
     self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype)
     self.norm2 = nnx.Dict({s: LayerNorm(dim, eps=eps, rngs=rngs, dtype=dtype) for s in streams})
     self.mlp = Mlp(dim, mlp, rngs=rngs, dtype=dtype)
+    self.remat = remat
 
-  def __call__(self, x, stream: str):
+  def forward(self, x, stream: str):
     x = x + self.attn(self.norm1[stream](x))
     return x + self.mlp(self.norm2[stream](x))
+
+  def __call__(self, x, stream: str):
+    if not self.remat:
+      return self.forward(x, stream)
+    # A pure function of (weights, input) so jax.checkpoint sees every weight as an input and
+    # saves nothing but them and x; the block only reads its weights, so nothing is written back.
+    graphdef, state = nnx.split(self)
+
+    def run(state, x):
+      return nnx.merge(graphdef, state).forward(x, stream)
+    return jax.checkpoint(run)(state, x)
