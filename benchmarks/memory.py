@@ -218,17 +218,23 @@ def run_case(case: dict, dump_dir: str, full_compile: bool) -> None:
 
 # ----- Driver --------------------------------------------------------------------------------
 
-def measure(case: dict, full_compile: bool, timeout: int) -> dict:
+def measure(case: dict, full_compile: bool, timeout: int) -> dict | None:
+  """One case in a fresh process; None (and the reason printed) if it fails or times out."""
   with tempfile.TemporaryDirectory() as dump_dir:
     env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_dump_to={dump_dir} "
                "--xla_dump_hlo_pass_re=NONE --xla_dump_hlo_module_re=jit_train_step")
     cmd = [sys.executable, os.path.abspath(__file__), "--case", json.dumps(case),
            "--dump_dir", dump_dir] + (["--full_compile"] if full_compile else [])
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      print(f"  {case}: no result within {timeout} s", flush=True)
+      return None
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
-      sys.exit(f"case {case} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+      print(f"  {case} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+      return None
     row = json.loads(lines[-1][len("RESULT "):])
     row["wall_s"] = time.perf_counter() - t0
   row["state"] = row["param_bytes"] + row["opt_bytes"]
@@ -281,12 +287,18 @@ def main():
   load = os.getloadavg()[0]
   t0 = time.perf_counter()
   print(f"{len(unique)} cases", flush=True)
-  rows = [measure(c, args.full_compile, args.timeout) for c in unique]
-  minutes = (time.perf_counter() - t0) / 60
-  if args.save:
-    with open(args.save, "w") as f:
-      json.dump({"rows": rows, "minutes": minutes, "load": load, "argv": sys.argv}, f, indent=1)
+  rows, failed = [], 0
+  for c in unique:
+    row = measure(c, args.full_compile, args.timeout)
+    failed += row is None
+    rows += [row] if row else []
+    minutes = (time.perf_counter() - t0) / 60
+    if args.save:  # after every case, so a long run keeps what it has
+      with open(args.save, "w") as f:
+        json.dump({"rows": rows, "minutes": minutes, "load": load, "argv": sys.argv}, f, indent=1)
   finish(rows, sys.argv, args.no_write, groups, minutes, load)
+  if failed:
+    sys.exit(f"FAIL: {failed} of {len(unique)} cases gave no result")
 
 
 def finish(rows, argv, no_write: bool, groups: int, minutes: float, load: float) -> None:
