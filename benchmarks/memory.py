@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import glob
 import json
@@ -47,8 +46,10 @@ sys.path.insert(0, REPO)
 DEVICES = 8
 XLA_FLAGS = (f"--xla_force_host_platform_device_count={DEVICES} "
              "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
-# Flags are read when jax starts, so they go in before the import below.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()
+# Flags are read when jax starts, so they go in before any import of it (the per-case processes
+# inherit them).
+if XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()
 
 from benchmarks.report import write_section  # noqa: E402
 
@@ -63,13 +64,15 @@ PRESETS = {
     "quick": ("T/fsdp_tp/on,T/fsdp_tp/off,sepT/fsdp_tp/on",
               "the tiny ViT, to check the tool (~2 min)"),
     "default": ("B/fsdp/on,B/fsdp/off,L/fsdp/on,sepL/fsdp/on,H/fsdp/on",
-                "FSDP, every size with remat, Base without, AVSep-Large (~20 min)"),
+                "FSDP, every size with remat, Base without, AVSep-Large (~15 min)"),
     "docs": (",".join([f"{m}/{s}/on" for m in ("B", "L", "sepL", "H") for s in STRATEGIES]
-                      + [f"{m}/fsdp/off" for m in ("B", "L", "sepL", "H")]
+                      # Huge without remat: its compile needs more than 23 GiB of host memory.
+                      + [f"{m}/fsdp/off" for m in ("B", "L", "sepL")]
                       + ["L/dp/on/5", "sepL/dp/on/5"]),
-             "every size and strategy with remat, FSDP without, Large vs AVSep-Large at "
-             "batch 5 too (~1.5 h)"),
-    "full": (_ALL, "every size, strategy and remat setting (~2.5 h)"),
+             "every size and strategy with remat, FSDP without (not Huge), Large vs AVSep-Large "
+             "at batch 5 too (~1.5 h)"),
+    "full": (_ALL, "every size, strategy and remat setting (~2.5 h; Huge without remat needs "
+                   "more than 23 GiB of host memory to compile)"),
 }
 PAPER_RATIO = 10.9 / 20.6  # AVSiam-Large / AVSep-Large GPU memory (paper Table 5)
 TARGET = 0.55
@@ -102,25 +105,21 @@ def valid_batch(paper: int, groups: int) -> int:
 
 @contextlib.contextmanager
 def model_patches(separate: bool, remat: bool):
-  """Builds AVSep instead of AVSiam and applies remat, until train.py has switches for both."""
+  """Builds AVSep instead of AVSiam, and remats the decoder blocks too, until train.py and
+  avsiam.py have switches for both (config.model.remat already reaches encoder and MM blocks)."""
   from avsiam_jax import train  # pylint: disable=g-import-not-at-top
   from avsiam_jax.models import avsep, avsiam, layers  # pylint: disable=g-import-not-at-top
-  saved = train.AVSiam, train.model_spec, avsiam.layers
-  orig_spec = train.model_spec
-
-  def model_spec(config):
-    spec = orig_spec(config)
-    return dataclasses.replace(spec, encoder=dataclasses.replace(spec.encoder, remat=remat))
+  saved = train.AVSiam, avsiam.layers
   # Decoder blocks take remat only where avsiam.py does not pass it itself.
   patched_layers = types.SimpleNamespace(**vars(layers))
   patched_layers.Block = functools.partial(layers.Block, remat=remat)
   try:
-    train.model_spec, avsiam.layers = model_spec, patched_layers
+    avsiam.layers = patched_layers
     if separate:
       train.AVSiam = avsep.AVSep
     yield
   finally:
-    train.AVSiam, train.model_spec, avsiam.layers = saved
+    train.AVSiam, avsiam.layers = saved
 
 
 def make_config(case: dict):
@@ -158,7 +157,8 @@ def parse_buffer_assignment(path: str) -> dict:
 def find_assignment(dump_dir: str) -> str | None:
   """The train step's buffer assignment, once XLA has written it (the usage report follows it)."""
   report = glob.glob(os.path.join(dump_dir, "*jit_train_step*memory-usage-report.txt"))
-  found = glob.glob(os.path.join(dump_dir, "*jit_train_step*after_optimizations-buffer-assignment.txt"))
+  found = glob.glob(os.path.join(dump_dir,
+                                 "*jit_train_step*after_optimizations-buffer-assignment.txt"))
   return found[0] if report and found else None
 
 
@@ -324,7 +324,8 @@ def render(rows, argv, groups: int, minutes: float, load: float):
   lines = [f"`{' '.join(['python'] + argv)}`", "",
            f"{DEVICES} virtual CPU devices (jax {jax.__version__}), float32 compute and state, "
            f"Adam (two moments); {len(rows)} cases in {minutes:.0f} min on {os.cpu_count()} CPUs "
-           f"(load average before: {load:.1f}). Memory per device from XLA's buffer assignment "
+           f"(load average before: {'not recorded' if load is None else f'{load:.1f}'}). "
+           "Memory per device from XLA's buffer assignment "
            "of the compiled train step"
            + (" (`compile().memory_analysis()`)" if "--full_compile" in argv else
               " (read from the compiler's dump, without waiting for CPU code generation; "
@@ -349,6 +350,18 @@ def render(rows, argv, groups: int, minutes: float, load: float):
         f"({PAPER_BATCH[r['model']]}) | {r['strategy']} ({mesh(r['strategy'])}) | "
         f"{'on' if r['remat'] else 'off'} | {fmt_gib(r['state'])} | {fmt_gib(r['temp'])} | "
         f"{fmt_gib(r['total'])} | {r['wall_s']:.0f} |")
+  remat_pairs = [(a, b) for a in rows for b in rows if a["remat"] and not b["remat"]
+                 and all(a[k] == b[k] for k in ("model", "separate", "strategy", "batch"))]
+  if remat_pairs:
+    lines += ["", "Remat, temp without -> with: " + "; ".join(
+        f"{label(b).rsplit(' remat', 1)[0]} {fmt_gib(b['temp'])} -> {fmt_gib(a['temp'])} GiB "
+        f"({a['temp'] / b['temp'] - 1:+.0%})" for a, b in remat_pairs) + ". XLA's CPU schedule "
+        "keeps a good part of the recomputed activations of several blocks live at once, so "
+        "the saving is smaller than recomputing block by block would give (per block, only its "
+        "input would stay)."]
+  if any(r["model"] == "H" for r in rows) and all(r["remat"] for r in rows if r["model"] == "H"):
+    lines += ["", "Huge without remat has no row: compiling it needs more than the 23 GiB of host "
+              "memory of the machine these numbers come from (the compiler was killed)."]
   ok = True
   pairs = [(a, b) for a in rows for b in rows if a["model"] == b["model"]
            and not a["separate"] and b["separate"] and a["strategy"] == b["strategy"]
@@ -381,7 +394,8 @@ def render(rows, argv, groups: int, minutes: float, load: float):
         total_ratios.append(tr)
       unexplained.append(extra - grads)
       lines.append(f"| {a['strategy']} ({mesh(a['strategy'])}) | {'on' if a['remat'] else 'off'} "
-                   f"| {a['batch']} | {fmt_gib(a['state'])} | {fmt_gib(b['state'])} | **{sr:.3f}** | {pgm:.3f} | "
+                   f"| {a['batch']} | {fmt_gib(a['state'])} | {fmt_gib(b['state'])} | **{sr:.3f}** "
+                   f"| {pgm:.3f} | "
                    f"{fmt_gib(a['temp'])} | {fmt_gib(b['temp'])} | {fmt_gib(extra)} "
                    f"({fmt_gib(grads)}) | {fmt_gib(a['total'])} | {fmt_gib(b['total'])} | "
                    f"{tr:.3f} |")
@@ -405,7 +419,8 @@ def render(rows, argv, groups: int, minutes: float, load: float):
               "it where the state is large next to the activations (replicated state under dp, "
               "small batches). Measured temps add noise on top: AVSep's temp differs from "
               f"AVSiam's by {min(unexplained) / GiB:+.1f} to {max(unexplained) / GiB:+.1f} GiB "
-              f"beyond its extra gradients{both}, although the computation is the same. That is XLA's CPU scheduler: its heuristic order of a large program decides "
+              f"beyond its extra gradients{both}, although the computation is the same. That "
+              "is XLA's CPU scheduler: its heuristic order of a large program decides "
               "how many activations are live at once, and it lands differently for two programs "
               "of the same size. The totals compare the compiled programs as they are, not the "
               "models' inherent activation memory."]

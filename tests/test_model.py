@@ -169,8 +169,8 @@ def _pretrain_config(**pretrain):
 
 
 def _small_spec(**encoder):
-  return AVSiamSpec(vit.encoder_spec("test", image_size=32, audio_frames=64, mel_bins=32, **encoder),
-                    decoder_width=16, decoder_depth=1, decoder_heads=2)
+  enc = vit.encoder_spec("test", image_size=32, audio_frames=64, mel_bins=32, **encoder)
+  return AVSiamSpec(enc, decoder_width=16, decoder_depth=1, decoder_heads=2)
 
 
 def _batch(b=4):
