@@ -34,6 +34,16 @@ def dataset(tmp_path_factory):
   return demo.ensure_demo_dataset(str(tmp_path_factory.mktemp("data") / "ds"), 40, 10, seed=2)
 
 
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, dataset):
+  """A pretraining run of two steps: what finetuning starts from."""
+  pre = tiny_config()
+  pre.data.demo, pre.data.dir, pre.total_steps = False, dataset, 2
+  pre_dir = str(tmp_path_factory.mktemp("pre"))
+  train.train_and_evaluate(pre, pre_dir)
+  return pre_dir
+
+
 def test_losses_match_float64_numpy():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(6, 5)).astype(np.float32)
@@ -110,13 +120,8 @@ def test_clip_outputs_match_per_frame_calls_and_ignore_frame_order(dataset):
   np.testing.assert_allclose(out["probs_av"], want, rtol=1e-5, atol=1e-6)
 
 
-def test_pretrain_finetune_eval(tmp_path, dataset):
-  pre = tiny_config()
-  pre.data.demo, pre.data.dir, pre.total_steps = False, dataset, 2
-  pre_dir = str(tmp_path / "pre")
-  train.train_and_evaluate(pre, pre_dir)
-
-  config = finetune_config(dataset, init_checkpoint=pre_dir)
+def test_pretrain_finetune_eval(tmp_path, dataset, pretrained):
+  config = finetune_config(dataset, init_checkpoint=pretrained)
   work = str(tmp_path / "ft")
   results = train.run(config, work)
   assert results["step"] == 3
@@ -138,12 +143,8 @@ def test_pretrain_finetune_eval(tmp_path, dataset):
   assert os.path.exists(os.path.join(work, "eval_eval.json"))
 
 
-def test_finetune_starts_from_the_pretrained_encoder(tmp_path, dataset):
-  pre = tiny_config()
-  pre.data.demo, pre.data.dir, pre.total_steps = False, dataset, 1
-  pre_dir = str(tmp_path / "pre")
-  train.train_and_evaluate(pre, pre_dir)
-  config = finetune_config(dataset, init_checkpoint=pre_dir)
+def test_finetune_starts_from_the_pretrained_encoder(dataset, pretrained):
+  config = finetune_config(dataset, init_checkpoint=pretrained)
   mesh = sharding.make_mesh(config.mesh)
   fns = train.make_train_fns(config, mesh, 10, num_classes=4)
   state = train.load_init_weights(config, fns.init(jax.random.key(0)), fns)
