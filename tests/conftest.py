@@ -7,9 +7,26 @@ steps also lower the backend optimization level for those programs (test_shardin
 import os
 import sys
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def data_file(*parts: str) -> str:
+  """A file shipped in tests/data; a missing one fails the test that needs it, never skips it."""
+  path = os.path.join(DATA, *parts)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"test data {path} is missing from the checkout")
+  return path
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory):
+  """One small demo dataset (40 train and 10 eval clips of 4 classes) for every test that trains."""
+  from avsiam_jax.data import demo  # pylint: disable=import-outside-toplevel
+  return demo.ensure_demo_dataset(str(tmp_path_factory.mktemp("demo") / "ds"), 40, 10, seed=0)

@@ -13,10 +13,9 @@ from PIL import Image
 
 from avsiam_jax.data import media, records
 from avsiam_jax.data.fbank import fbank
+from conftest import data_file
 from data_prep import build as B
 
-SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
-                          "reference", "cavmae_sample")
 
 
 # ---------------------------------------------------------------- media made here
@@ -346,8 +345,8 @@ def test_two_processes_build_disjoint_shards(demo, tmp_path):
 
 def test_cavmae_sample_json_parses_and_every_clip_is_missing(tmp_path):
   out = str(tmp_path / "ds")
-  code = B.main(["--input", os.path.join(SAMPLE_DIR, "sample_json_as.json"),
-                 "--labels", os.path.join(SAMPLE_DIR, "class_labels_indices_as.csv"),
+  code = B.main(["--input", data_file("cavmae_sample", "sample_json_as.json"),
+                 "--labels", data_file("cavmae_sample", "class_labels_indices_as.csv"),
                  "--out", out, "--split", "eval"])
   assert code == 0
   report = json.load(open(os.path.join(out, B.REPORT_FILE)))["splits"]["eval"]
@@ -361,7 +360,7 @@ def test_cavmae_sample_json_parses_and_every_clip_is_missing(tmp_path):
 
 
 def test_real_media_folder_input(tmp_path):
-  iscc_samples = pytest.importorskip("iscc_samples")
+  import iscc_samples  # pylint: disable=import-outside-toplevel
   src = os.path.join(os.path.dirname(iscc_samples.__file__), "files", "video")
   folder = tmp_path / "videos"
   (folder / "sub").mkdir(parents=True)

@@ -6,7 +6,6 @@ the frame's total energy are therefore noisy in the reference itself (up to
 ~2e-3 in log; JAX's own float32 FFT differs from a float64 FFT by as much), so
 the 1e-3 bound applies within 90 dB and a 3e-3 bound below that.
 """
-import os
 import time
 import wave
 
@@ -14,25 +13,22 @@ import numpy as np
 import pytest
 
 from avsiam_jax.data import fbank as fb
+from conftest import data_file
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "fbank")
 NAMES = ["chirp_noise_4s", "music_12s"]
 DYNAMIC_RANGE_DB = 90.0
 TOL = 1e-3  # within DYNAMIC_RANGE_DB of the frame energy
 TOL_DEEP = 3e-3  # deeper bands: float32 noise floor of the reference
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(GOLDEN), reason=f"golden arrays not found at {GOLDEN}")
-
-
 def read_wav(name):
-    with wave.open(os.path.join(GOLDEN, name + ".wav"), "rb") as w:
+    with wave.open(data_file("golden", "fbank", name + ".wav"), "rb") as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 16000)
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
     return pcm.astype(np.float32) / 32768.0
 
 
 def golden(name, kind):
-    return np.load(os.path.join(GOLDEN, f"{name}.{kind}.npy"))
+    return np.load(data_file("golden", "fbank", f"{name}.{kind}.npy"))
 
 
 def check_close(got, ref, label):

@@ -4,6 +4,7 @@ import os
 import shutil
 
 import av
+import iscc_samples  # real media (CC-BY-4.0), a test requirement
 import jax
 import ml_collections
 import numpy as np
@@ -18,7 +19,6 @@ from avsiam_jax.models.classifier import AVSiamClassifier, ClassifierSpec
 from configs import demo
 from data_prep import build
 
-iscc_samples = pytest.importorskip("iscc_samples")
 SAMPLES = os.path.join(os.path.dirname(iscc_samples.__file__), "files", "video")
 MP4 = os.path.join(SAMPLES, "demo.mp4")
 GIF = os.path.join(SAMPLES, "demo.gif")  # no audio stream

@@ -3,13 +3,13 @@ import os
 import pickle
 
 import av
+import iscc_samples  # real media (CC-BY-4.0), a test requirement
 import numpy as np
 import pytest
 
 from avsiam_jax.data import media
 from avsiam_jax.data.media import ClipError, decode_audio, decode_clip, decode_frames
 
-iscc_samples = pytest.importorskip("iscc_samples")
 SAMPLES = os.path.join(os.path.dirname(iscc_samples.__file__), "files", "video")
 
 

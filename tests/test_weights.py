@@ -13,11 +13,11 @@ from avsiam_jax.models import vit
 from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
 from avsiam_jax.weights import convert, load, vit_sources
 from avsiam_jax.weights.common import SpecMismatch, WeightError, read_tensors
-from conftest import SHARED
+from conftest import data_file
 
-GOLDEN = os.path.join(SHARED, "golden", "timm_vit")
-TIMM = os.path.join(GOLDEN, "vit_tiny2_timm.safetensors")
-VITJAX = os.path.join(GOLDEN, "vit_tiny2_vitjax.npz")
+GOLDEN = os.path.dirname(data_file("golden", "timm_vit", "meta.json"))
+TIMM = data_file("golden", "timm_vit", "vit_tiny2_timm.safetensors")
+VITJAX = data_file("golden", "timm_vit", "vit_tiny2_vitjax.npz")
 SOURCES = {"timm": TIMM, "vitjax": VITJAX}
 
 
