@@ -31,6 +31,7 @@ from avsiam_jax.evaluators import classification, retrieval
 from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
 from avsiam_jax.models.classifier import AVSiamClassifier, ClassifierSpec, load_pretrained
 from avsiam_jax.models.vit import encoder_spec
+from avsiam_jax.weights import load
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = ("pretrain", "finetune", "eval", "pretrain+finetune")
@@ -281,29 +282,41 @@ def _place(params: dict, fns: TrainFns) -> dict:
                       params, shardings)
 
 
-def pretrained_avsiam_params(config) -> dict:
-  """Host params of the pretraining model to start from: a pretraining run or converted weights."""
+def fresh_avsiam_params(config, key) -> dict:
+  """Host params of a fresh pretraining model, drawn from `key` as create_state draws them."""
+  spec = model_spec(config)
+  init = jax.jit(lambda k: nnx.to_pure_dict(nnx.state(AVSiam(spec, rngs=nnx.Rngs(params=k)),
+                                                      nnx.Param)))
+  return jax.device_get(init(key))
+
+
+def pretrained_avsiam_params(config, key) -> dict:
+  """Host params of the pretraining model to start from: a pretraining run's, or the weights of
+  config.model_init placed into a fresh model drawn from `key` (it fills what the file lacks)."""
   from avsiam_jax import inference  # pylint: disable=g-import-not-at-top
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-      lambda: AVSiam(model_spec(config), rngs=nnx.Rngs(0))), nnx.Param))
   if is_finetune(config) and config.finetune.init_checkpoint:
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+        lambda: AVSiam(model_spec(config), rngs=nnx.Rngs(0))), nnx.Param))
     return jax.device_get(inference.restore_params(
         inference.load_run(config.finetune.init_checkpoint), abstract))
-  from avsiam_jax.weights import load  # pylint: disable=g-import-not-at-top
-  fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
-  return load.init_params(config.model_init, config.model_init_format, model_spec(config), fresh)
+  return load.init_params(config.model_init, config.model_init_format, model_spec(config),
+                          fresh_avsiam_params(config, key))
 
 
-def load_init_weights(config, state, fns: TrainFns):
+def load_init_weights(config, state, fns: TrainFns, key):
   """Places pretrained weights into a fresh state (only when not resuming).
 
   Pretraining takes converted weights (config.model_init); finetuning takes the encoder and
   multimodal blocks of a pretraining run (config.finetune.init_checkpoint) or of converted
-  weights, and starts its heads fresh.
+  weights, and starts its heads fresh. Whatever the source lacks keeps the values a fresh model
+  draws from `key`, the key `state` was initialized with.
   """
-  source = pretrained_avsiam_params(config)
   params = jax.device_get(state["params"])
-  params = load_pretrained(params, source) if is_finetune(config) else source
+  if is_finetune(config):
+    params = load_pretrained(params, pretrained_avsiam_params(config, key))
+  else:  # the state's own fresh params are that draw
+    params = load.init_params(config.model_init, config.model_init_format, model_spec(config),
+                              params)
   logging.info("Initialized from %s", (config.finetune.init_checkpoint if is_finetune(config)
                                        else "") or config.model_init)
   # Adam moments of the fresh state are zero, so only the parameters change.
@@ -542,9 +555,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state = fns.init(init_key)
     if config.model_init or (is_finetune(config) and config.finetune.init_checkpoint):
-      state = load_init_weights(config, state, fns)
+      state = load_init_weights(config, state, fns, init_key)
     elif is_finetune(config):
       logging.warning("Finetuning from random weights: set config.finetune.init_checkpoint")
+  try:
+    load.check_initialized(state["params"])
+  except load.WeightError as e:
+    raise ConfigError(f"{workdir}: {e}") from e
 
   # Train loop.
   logger = Logger(workdir, total_steps, st.batch_size)

@@ -147,8 +147,8 @@ def test_finetune_starts_from_the_pretrained_encoder(dataset, pretrained):
   config = finetune_config(dataset, init_checkpoint=pretrained)
   mesh = sharding.make_mesh(config.mesh)
   fns = train.make_train_fns(config, mesh, 10, num_classes=4)
-  state = train.load_init_weights(config, fns.init(jax.random.key(0)), fns)
-  source = train.pretrained_avsiam_params(config)
+  state = train.load_init_weights(config, fns.init(jax.random.key(0)), fns, jax.random.key(0))
+  source = train.pretrained_avsiam_params(config, jax.random.key(0))
   got = jax.device_get(state["params"])
   for group in ("encoder", "mm_blocks"):
     for a, b in zip(jax.tree.leaves(got[group]), jax.tree.leaves(source[group])):

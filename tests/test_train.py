@@ -196,7 +196,7 @@ def test_model_init_from_timm_weights(tmp_path):
   train.check_config(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
   fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
-  state = train.load_init_weights(config, fns.init(jax.random.key(0)), fns)
+  state = train.load_init_weights(config, fns.init(jax.random.key(0)), fns, jax.random.key(0))
   enc = state["params"]["encoder"]
   np.testing.assert_array_equal(enc["video_posemb"], sd["pos_embed"][0, 1:])
   np.testing.assert_array_equal(enc["patch_kernel"], sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0))

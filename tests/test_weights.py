@@ -497,10 +497,9 @@ def test_cli_convert_then_load(tmp_path, capsys):
   _, params = fresh(spec, seed=5)
   got = flat(load.init_params(out, "converted", spec, params))
   want = flat(load.init_params(path, "avsiam", spec, params))
-  assert got.keys() == want.keys()
-  for k in want:
-    if not k.startswith("mm_norm"):          # the only fresh leaves (converted at seed 0)
-      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert got.keys() == want.keys() and meta["fresh"] == ["mm_norm/bias", "mm_norm/scale"]
+  for k in want:  # the fresh leaves too: both come from `params`, not the conversion's seed 0
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   with pytest.raises(SpecMismatch, match=r"config\.model\.double_tokens"):
     bad = release_spec(double_tokens=False)
     load.init_params(out, "converted", bad, fresh(bad)[1])

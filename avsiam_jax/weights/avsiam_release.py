@@ -189,7 +189,7 @@ def place_release(flat: dict[str, np.ndarray], spec: AVSiamSpec, params: dict, *
     for p_ in DECODER_FRESH:
       t.keep_fresh(p_)
     notes.append("no decoder in the source (a finetuned checkpoint): decoder fresh")
-  return t.result(), {"dropped": s.finish(), "notes": notes}
+  return t.result(), {"dropped": s.finish(), "notes": notes, "fresh": sorted(t.fresh)}
 
 
 def _place_decoder(s: Source, spec: AVSiamSpec, t: Target, d: int) -> None:

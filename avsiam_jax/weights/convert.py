@@ -68,6 +68,8 @@ def convert(src: str, fmt: str, out: str, *, spec: AVSiamSpec, variant: str | No
       "num_params": int(sum(np.size(v) for v in flatten(new).values())),
       "notes": info.get("notes", []),
       "dropped": info["dropped"],
+      # Leaves the source does not hold: a run starting from DIR draws them from its own seed.
+      "fresh": info["fresh"],
   }
   with open(os.path.join(out, load.META_FILE), "w") as f:
     json.dump(meta, f, indent=1)

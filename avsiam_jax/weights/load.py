@@ -90,7 +90,11 @@ def load_converted(directory: str, spec: AVSiamSpec, params: dict) -> dict:
   if extra:
     raise WeightError(f"{directory!r}: parameter {extra[0]!r} does not exist in the model "
                       f"({len(extra)} extra)")
-  values = {k: stored[k].astype(np.dtype(getattr(v, "dtype", np.float32)), copy=False)
+  # Leaves the source did not hold come from `params` (the run's own fresh model), so the run's
+  # seed draws them; directories written before "fresh" was recorded keep their stored draw.
+  fresh = set(meta.get("fresh", ()))
+  values = {k: np.asarray(v) if k in fresh else
+            stored[k].astype(np.dtype(getattr(v, "dtype", np.float32)), copy=False)
             for k, v in targets.items()}
   return rebuild(params, values)
 
@@ -99,8 +103,8 @@ def init_params(path: str, fmt: str, spec: AVSiamSpec, params: dict, *,
                 allow_lossy_audio_patch: bool = False) -> dict:
   """`params` with pretrained weights placed in (see the module docstring).
 
-  Fresh parameters (decoder, mm_norm) are taken from `params` itself, or from the converted
-  checkpoint.
+  Every parameter the source does not hold (decoder, mask token, mm_norm, ...) is taken from
+  `params`, which must therefore be a freshly initialized model's, not zeros or an abstract tree.
   """
   if fmt not in FORMATS:
     raise ValueError(f"model_init_format must be one of {FORMATS}, got {fmt!r}")
@@ -110,5 +114,27 @@ def init_params(path: str, fmt: str, spec: AVSiamSpec, params: dict, *,
                         allow_lossy_audio_patch=allow_lossy_audio_patch)[0]
 
 
-__all__ = ["FORMATS", "SpecMismatch", "WeightError", "convert_source", "init_params",
-           "load_converted", "read_converted", "read_meta"]
+def zero_init(path: str) -> bool:
+  """Whether the model initializes the parameter at `path` to zeros (biases, modality tokens)."""
+  return path.rsplit("/", 1)[-1].endswith("bias") or path.startswith("modality_token/")
+
+
+def check_initialized(params: dict) -> None:
+  """Raises WeightError naming the first parameter that is all zero though its initializer is
+  not zeros (a LayerNorm scale, a kernel, a position embedding, ...): such a parameter silences
+  its branch (a zero mm_norm scale gives the decoder zero input and zero kernel gradients)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  flat = {path_str(p): v for p, v in flatten(params).items()}
+  checked = {p: v for p, v in flat.items() if not zero_init(p)}
+  # One reduction per leaf where the arrays live (sharded on device, or host numpy).
+  zero = jax.device_get(jax.jit(lambda t: {k: jnp.all(v == 0) for k, v in t.items()})(checked))
+  dead = sorted(p for p, z in zero.items() if z)
+  if dead:
+    more = f" (and {len(dead) - 1} more, e.g. {dead[1:4]})" if len(dead) > 1 else ""
+    raise WeightError(f"parameter {dead[0]!r} is all zero after initialization{more}; its "
+                      "initializer is not zeros, so a weight source or loader left it unset")
+
+
+__all__ = ["FORMATS", "SpecMismatch", "WeightError", "check_initialized", "convert_source",
+           "init_params", "load_converted", "read_converted", "read_meta", "zero_init"]

@@ -114,4 +114,4 @@ def place_vit(vit: ViTWeights, spec: AVSiamSpec, params: dict) -> tuple[dict, di
       else "single LayerNorm stream 'x'",
       f"mm_blocks: copies of encoder blocks {list(range(first, enc.depth))}",
       "fresh: " + ", ".join(FRESH_FROM_VIT)]
-  return t.result(), {"notes": notes}
+  return t.result(), {"notes": notes, "fresh": sorted(t.fresh)}
