@@ -18,10 +18,14 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Keeps Orbax's per-save INFO lines out of the progress log; its warnings still show."""
+  """Keeps the libraries' INFO lines (Orbax's per-save lines, JAX's backend probing) out of the
+  progress log; their warnings still show."""
+
+  LIBRARIES = ("/orbax/", "/jax/", "/jaxlib/", "/grain/", "/flax/")
 
   def filter(self, record):
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+    return (record.levelno >= py_logging.WARNING
+            or not any(lib in record.pathname for lib in self.LIBRARIES))
 
 
 def main(argv):

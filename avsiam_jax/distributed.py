@@ -99,7 +99,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return False
   found = detect(coordinator_address, num_processes, process_id)
   if found is None:
-    logging.info("Single process: jax.distributed not initialized")
+    logging.debug("Single process: jax.distributed not initialized")
     return False
   how, kwargs = found
   logging.info("Initializing jax.distributed (%s): %s", how, kwargs or "auto-detect")

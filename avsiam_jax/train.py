@@ -36,6 +36,9 @@ from avsiam_jax.weights import load
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MODES = ("pretrain", "finetune", "eval", "pretrain+finetune")
 CONFIG_FILE, LABELS_FILE = "config.json", "label_names.json"
+STAGE_TITLES = {
+    "pretrain": "pretraining (contrastive + masked reconstruction), then zero-shot retrieval",
+    "finetune": "finetuning the classifier from the pretrained weights, then classification"}
 # Result names of the three classifier inputs.
 INPUTS = {"a": "audio", "v": "visual", "av": "audio-visual"}
 
@@ -462,7 +465,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if config.mode != "pretrain+finetune":
     return train_and_evaluate(config, workdir)
   stages = {}
-  for name in ("pretrain", "finetune"):
+  for i, name in enumerate(("pretrain", "finetune")):
+    logging.info("Stage %d of 2: %s", i + 1, STAGE_TITLES[name])
     c = ml_collections.ConfigDict(config.to_dict())
     c.mode = name
     if c.data.demo and not c.data.dir:  # both stages use one demo dataset
@@ -585,6 +589,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("Stopped at step %d; rerun the same command to resume", step)
       return {"step": step, "preempted": True}
 
+  logging.info("Evaluating step %d on the %s split", step, config.data.eval_split)
   results = evaluate(config, ds_dir, state["params"], fns.evaluate, mesh,
                      plot_path=os.path.join(workdir, "embeddings.png"))
   logger.scalars(step, flat_scalars(results))

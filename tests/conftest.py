@@ -4,14 +4,23 @@ Tests compile many small programs and run each a few times, so LLVM's expensive 
 skipped (numerics unchanged: the golden comparisons hold). Tests that compile large train
 steps also lower the backend optimization level for those programs (test_sharding.compile_fast).
 """
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests (and the processes some of them start) compile the same train steps: one XLA
+# compilation cache per test session, shared through the environment, compiles each once.
+_XLA_CACHE = tempfile.mkdtemp(prefix="avsiam_tests_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")

@@ -10,7 +10,6 @@ import pytest
 from flax import nnx
 
 from avsiam_jax import finetuning, sharding, train
-from avsiam_jax.data import demo
 from avsiam_jax.evaluators import classification
 from configs import common
 from tests.test_train import tiny_config
@@ -30,8 +29,8 @@ def finetune_config(data_dir, **finetune):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  return demo.ensure_demo_dataset(str(tmp_path_factory.mktemp("data") / "ds"), 40, 10, seed=2)
+def dataset(demo_dataset):
+  return demo_dataset
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from avsiam_jax import sharding, train
-from avsiam_jax.data import demo, pipeline, records
+from avsiam_jax.data import pipeline, records
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -56,10 +56,11 @@ def reference_losses(config, data_dir):
   return out
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, demo_dataset):
   t0 = time.time()
   num_devices = NUM_PROCESSES * LOCAL_DEVICES
-  data_dir = demo.ensure_demo_dataset(str(tmp_path / "data"), 40, 8, seed=0, workers=1)
+  data_dir = demo_dataset
+  num_eval = records.read_info(data_dir)["splits"]["eval"]["num_examples"]
   workdir = str(tmp_path / "workdir")
   port = free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)  # the worker sets XLA_FLAGS
@@ -105,7 +106,7 @@ def test_two_processes_match_one(tmp_path):
     assert (o["local_devices"], o["global_devices"]) == (LOCAL_DEVICES, num_devices)
   # Every process computes the same (all-gathered) retrieval metrics.
   assert outputs[0]["results"] == outputs[1]["results"]
-  assert outputs[0]["results"]["step"] == STEPS and outputs[0]["results"]["retrieval"]["num_clips"] == 8
+  assert outputs[0]["results"]["step"] == STEPS and outputs[0]["results"]["retrieval"]["num_clips"] == num_eval
 
   # Losses per step, as logged by process 0, match the one-process run.
   scalars = read_scalars(os.path.join(workdir, "tensorboard"))

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from avsiam_jax import train
-from avsiam_jax.data import demo
 from configs import demo as demo_config
 from tb_events import read_scalars
 
@@ -25,8 +24,8 @@ OVERRIDES = {
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-  return demo.ensure_demo_dataset(str(tmp_path_factory.mktemp("data") / "ds"), 40, 8, seed=1)
+def dataset(demo_dataset):
+  return demo_dataset
 
 
 def config_for(data_dir, total_steps):

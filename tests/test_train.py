@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from avsiam_jax import checkpoint, pretraining, sharding, train
+from avsiam_jax import checkpoint, sharding, train
 from configs import demo as demo_config
 
 
@@ -56,16 +56,6 @@ def test_steps_on_a_fixed_batch_lower_the_loss(separate):
     assert last < 0.9 * first, (name, first, last)
 
 
-def loss_and_grads(config, mesh, batch):
-  fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
-  params = fns.init(jax.random.key(0))["params"]
-  def loss_fn(params, batch):
-    return pretraining.pretrain_losses(params, fns.graphdef, batch, jax.random.key(1), config,
-                                 fns.batch_shards, "total")[0]
-  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, sharding.global_batch(batch, mesh))
-  return loss, grads
-
-
 def test_eight_devices_match_one_device():
   assert jax.device_count() >= 8
   config = tiny_config(batch=24)
@@ -73,20 +63,15 @@ def test_eight_devices_match_one_device():
   config.mesh.batch_shards = 8  # the same masking layout on both meshes
   batch = fixed_batch(24)
   one, eight = (sharding.make_mesh(config.mesh, jax.devices()[:n]) for n in (1, 8))
-  # Two full steps: the losses agree (the second one after a sharded optimizer update).
-  state1, m1 = run_steps(config, one, 2, batch)
+  # Two full steps through the trainer's compiled step: the losses agree, the second one after
+  # a sharded optimizer update. (Every gradient leaf on this and other meshes is compared in
+  # test_sharding.test_mesh_matches_one_device.)
+  _, m1 = run_steps(config, one, 2, batch)
   state8, m8 = run_steps(config, eight, 2, batch)
   for a, b in zip(m1, m8):
     for k in ("contrastive", "reconstruction", "grad_norm_total"):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5)
   assert state8["params"]["encoder"]["patch_bias"].sharding.mesh.size == 8
-  # Every gradient agrees. (Parameters after Adam are not compared: Adam turns the float
-  # noise of exactly-zero gradients, e.g. of the key bias, into +-lr steps.)
-  loss1, g1 = loss_and_grads(config, one, batch)
-  loss8, g8 = loss_and_grads(config, eight, batch)
-  np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
 def test_save_restore_next_step_identical(tmp_path):

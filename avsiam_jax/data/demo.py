@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from absl import logging
 
@@ -25,14 +26,31 @@ def ensure_demo_dataset(dataset_dir: str, train_clips: int, eval_clips: int, *, 
   if _has_splits(dataset_dir, ("train", "eval")):
     return dataset_dir
   video_dir = dataset_dir + "_videos"
-  logging.info("Writing %d demo videos to %s", train_clips + eval_clips, video_dir)
-  json_path, csv_path = demo_clips.write_demo_videos(video_dir, train_clips + eval_clips, seed=seed)
+  total = train_clips + eval_clips
+  logging.info("Making the demo dataset: writing %d short mp4 clips to %s", total, video_dir)
+  start = time.time()
+
+  def progress(n):
+    if n % 100 == 0 and n < total:
+      eta = (total - n) * (time.time() - start) / n
+      logging.info("  %d/%d clips written | ETA %s", n, total, _clock(eta))
+  json_path, csv_path = demo_clips.write_demo_videos(video_dir, total, seed=seed,
+                                                     progress=progress)
+  logging.info("Building the dataset from the clips (data_prep.build: decode, fbank, frames) "
+               "into %s", dataset_dir)
   with open(json_path) as f:
     data = json.load(f)["data"]
   for split, part in (("train", data[:train_clips]), ("eval", data[train_clips:])):
     split_json = os.path.join(video_dir, f"{split}.json")
     with open(split_json, "w") as f:
       json.dump({"data": part}, f)
-    build.build(split_json, dataset_dir, labels=csv_path, split=split,
-                workers=workers or min(2, os.cpu_count() or 1))
+    report = build.build(split_json, dataset_dir, labels=csv_path, split=split,
+                         workers=workers or min(2, os.cpu_count() or 1), verbose=False)
+    logging.info("  %s: %d clips, %d skipped", split, report["num_examples"],
+                 report["num_skipped"])
+  logging.info("Demo dataset ready in %.0f s", time.time() - start)
   return dataset_dir
+
+
+def _clock(seconds: float) -> str:
+  return time.strftime("%H:%M:%S", time.gmtime(seconds))

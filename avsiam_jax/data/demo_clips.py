@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import av
 import numpy as np
@@ -186,11 +187,12 @@ def _write_clip(path, spec, seconds, fps, painter, seed):
 
 
 def write_demo_videos(out_dir, num_clips: int, num_classes: int = 4, seconds: float = 3.0,
-                      fps: int = 10, seed: int = 0) -> tuple[str, str]:
+                      fps: int = 10, seed: int = 0,
+                      progress: Callable[[int], None] | None = None) -> tuple[str, str]:
     """Writes `num_clips` mp4 files plus a dataset JSON and a label CSV.
 
     Returns (json_path, csv_path).  The JSON is written last, so its presence
-    means every video is complete.
+    means every video is complete.  `progress(n)` is called after the n-th clip.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     video_dir = os.path.join(out_dir, "videos")
@@ -203,6 +205,8 @@ def write_demo_videos(out_dir, num_clips: int, num_classes: int = 4, seconds: fl
         _write_clip(path, spec, seconds, fps, painter, seed)
         data.append({"video_id": spec.video_id, "wav": path, "video_path": path,
                      "labels": class_mid(spec.class_index)})
+        if progress:
+            progress(len(data))
 
     csv_path = os.path.join(out_dir, "demo_class_labels_indices.csv")
     with open(csv_path, "w") as f:
