@@ -568,6 +568,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ConfigError(f"{workdir}: {e}") from e
 
   # Train loop.
+  logging.info("Compiling the train step, then training from step %d; a progress line every "
+               "%d steps", int(state["step"]), config.log_every_steps)
   logger = Logger(workdir, total_steps, st.batch_size)
   stop = StopRequest()
   step = int(state["step"])
