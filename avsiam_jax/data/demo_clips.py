@@ -8,7 +8,7 @@ picture and the sound carry
     disk <-> the pitch (log scale 250-4000 Hz, so it spans many mel bins) and the
     loudness; the disk's vertical position <-> the amplitude-modulation rate,
 so that matching a clip's audio to its own video is learnable by a tiny ViT
-from a 128-bin mel spectrogram and a 112x112 frame.
+from a 128-bin mel spectrogram and a small (64x64) frame.
 
 Audio sample rate (16 / 22.05 kHz) and layout (mono / stereo) vary across
 clips so that the decoder's resampling path is exercised; frames are 256x224 so
