@@ -36,12 +36,13 @@ sys.path.insert(0, "benchmarks")
 from report import write_section
 demo_s, test_s, summary, results, cores = sys.argv[1:]
 fmt = lambda s: f"{int(s) // 60} min {int(s) % 60:02d} s"
+cell = lambda text: text.replace("|", "\\|").replace("\n", "<br>")  # one table cell
 md = f"""`bash benchmarks/front_door.sh` on {cores} cores: each of README's two commands in a fresh clone
 in an empty temporary folder, pip install included (packages from pip's cache).
 
 | command | wall time | outcome |
 |---|---|---|
-| demo (install + `python main.py --config=configs/demo.py ...`) | {fmt(demo_s)} | {results.replace(chr(10), '<br>')} |
+| demo (install + `python main.py --config=configs/demo.py ...`) | {fmt(demo_s)} | {cell(results)} |
 | tests (install + `python -m pytest -q tests`) | {fmt(test_s)} | {summary} |
 """
 write_section("Front door", md)
