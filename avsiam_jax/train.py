@@ -285,14 +285,6 @@ def _place(params: dict, fns: TrainFns) -> dict:
                       params, shardings)
 
 
-def fresh_avsiam_params(config, key) -> dict:
-  """Host params of a fresh pretraining model, drawn from `key` as create_state draws them."""
-  spec = model_spec(config)
-  init = jax.jit(lambda k: nnx.to_pure_dict(nnx.state(AVSiam(spec, rngs=nnx.Rngs(params=k)),
-                                                      nnx.Param)))
-  return jax.device_get(init(key))
-
-
 def pretrained_avsiam_params(config, key) -> dict:
   """Host params of the pretraining model to start from: a pretraining run's, or the weights of
   config.model_init placed into a fresh model drawn from `key` (it fills what the file lacks)."""
@@ -302,8 +294,9 @@ def pretrained_avsiam_params(config, key) -> dict:
         lambda: AVSiam(model_spec(config), rngs=nnx.Rngs(0))), nnx.Param))
     return jax.device_get(inference.restore_params(
         inference.load_run(config.finetune.init_checkpoint), abstract))
-  return load.init_params(config.model_init, config.model_init_format, model_spec(config),
-                          fresh_avsiam_params(config, key))
+  spec = model_spec(config)
+  return load.init_params(config.model_init, config.model_init_format, spec,
+                          load.fresh_params(spec, key))
 
 
 def load_init_weights(config, state, fns: TrainFns, key):

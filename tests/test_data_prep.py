@@ -17,7 +17,6 @@ from conftest import data_file
 from data_prep import build as B
 
 
-
 # ---------------------------------------------------------------- media made here
 
 

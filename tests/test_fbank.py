@@ -20,6 +20,7 @@ DYNAMIC_RANGE_DB = 90.0
 TOL = 1e-3  # within DYNAMIC_RANGE_DB of the frame energy
 TOL_DEEP = 3e-3  # deeper bands: float32 noise floor of the reference
 
+
 def read_wav(name):
     with wave.open(data_file("golden", "fbank", name + ".wav"), "rb") as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 16000)

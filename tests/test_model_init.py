@@ -96,12 +96,12 @@ def test_two_steps_from_a_source_file_train_the_decoder(tmp_path):
 
 def test_zeroed_layernorm_scale_is_named():
   spec = train.model_spec(tiny_config())
-  params = convert.fresh_params(spec)
+  params = load.fresh_params(spec)
   load.check_initialized(params)  # biases and modality tokens start at zero: allowed
   params["mm_norm"]["scale"] = np.zeros_like(params["mm_norm"]["scale"])
   with pytest.raises(load.WeightError, match="'mm_norm/scale' is all zero"):
     load.check_initialized(params)
-  params = convert.fresh_params(spec)
+  params = load.fresh_params(spec)
   fc2 = params["decoder_blocks"][0]["mlp"]["fc2"]
   fc2["kernel"] = np.zeros_like(fc2["kernel"])
   with pytest.raises(load.WeightError, match="decoder_blocks/0/mlp/fc2/kernel"):

@@ -106,7 +106,8 @@ def test_two_processes_match_one(tmp_path, demo_dataset):
     assert (o["local_devices"], o["global_devices"]) == (LOCAL_DEVICES, num_devices)
   # Every process computes the same (all-gathered) retrieval metrics.
   assert outputs[0]["results"] == outputs[1]["results"]
-  assert outputs[0]["results"]["step"] == STEPS and outputs[0]["results"]["retrieval"]["num_clips"] == num_eval
+  assert outputs[0]["results"]["step"] == STEPS
+  assert outputs[0]["results"]["retrieval"]["num_clips"] == num_eval
 
   # Losses per step, as logged by process 0, match the one-process run.
   scalars = read_scalars(os.path.join(workdir, "tensorboard"))

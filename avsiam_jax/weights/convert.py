@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
+from avsiam_jax.models.avsiam import AVSiamSpec
 from avsiam_jax.models.vit import EncoderSpec, encoder_spec
 from avsiam_jax.weights import avsiam_release, load, place
 from avsiam_jax.weights.common import flatten
@@ -28,14 +28,6 @@ from avsiam_jax.weights.common import flatten
 # Encoder switches the released AVSiam checkpoints need (the CLI's defaults for --format avsiam).
 # The release trains its audio patch projection apart; keep it unless told to drop it.
 RELEASE_DEFAULTS = dict(avsiam_release.RELEASE_SWITCHES, separate_audio_patch=True)
-
-
-def fresh_params(spec: AVSiamSpec, seed: int = 0) -> dict:
-  """The model's freshly initialized pure-dict params (host numpy)."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  model = AVSiam(spec, rngs=nnx.Rngs(seed))
-  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def _str_keys(tree: dict) -> dict:
@@ -51,7 +43,7 @@ def convert(src: str, fmt: str, out: str, *, spec: AVSiamSpec, variant: str | No
     if not overwrite:
       raise FileExistsError(f"{out!r} exists and is not empty (pass overwrite=True / --overwrite)")
     shutil.rmtree(out)
-  params = fresh_params(spec, seed)
+  params = load.fresh_params(spec, seed)
   new, info = load.convert_source(src, fmt, spec, params,
                                   allow_lossy_audio_patch=allow_lossy_audio_patch)
   os.makedirs(out, exist_ok=True)

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from avsiam_jax.models.avsiam import AVSiamSpec
+from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
 from avsiam_jax.weights import avsiam_release, place, vit_sources
 from avsiam_jax.weights.common import (SpecMismatch, WeightError, flatten, path_str, read_tensors,
                                        rebuild)
@@ -36,6 +36,15 @@ REQUIRED = {
     "timm": _SHAPE_FIELDS + ("audio_posemb_init",),
     "avsiam": _SHAPE_FIELDS + tuple(avsiam_release.RELEASE_SWITCHES),
 }
+
+
+def fresh_params(spec: AVSiamSpec, seed=0) -> dict:
+  """A freshly initialized model's pure-dict params (host numpy); `seed` is an int or a JAX key
+  (a run's init key gives the draw its train state starts from)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  model = AVSiam(spec, rngs=nnx.Rngs(params=seed))
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def convert_source(path: str, fmt: str, spec: AVSiamSpec, params: dict, *,
@@ -114,7 +123,7 @@ def init_params(path: str, fmt: str, spec: AVSiamSpec, params: dict, *,
                         allow_lossy_audio_patch=allow_lossy_audio_patch)[0]
 
 
-def zero_init(path: str) -> bool:
+def _zero_init(path: str) -> bool:
   """Whether the model initializes the parameter at `path` to zeros (biases, modality tokens)."""
   return path.rsplit("/", 1)[-1].endswith("bias") or path.startswith("modality_token/")
 
@@ -126,7 +135,7 @@ def check_initialized(params: dict) -> None:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   flat = {path_str(p): v for p, v in flatten(params).items()}
-  checked = {p: v for p, v in flat.items() if not zero_init(p)}
+  checked = {p: v for p, v in flat.items() if not _zero_init(p)}
   # One reduction per leaf where the arrays live (sharded on device, or host numpy).
   zero = jax.device_get(jax.jit(lambda t: {k: jnp.all(v == 0) for k, v in t.items()})(checked))
   dead = sorted(p for p, z in zero.items() if z)
@@ -137,4 +146,4 @@ def check_initialized(params: dict) -> None:
 
 
 __all__ = ["FORMATS", "SpecMismatch", "WeightError", "check_initialized", "convert_source",
-           "init_params", "load_converted", "read_converted", "read_meta", "zero_init"]
+           "fresh_params", "init_params", "load_converted", "read_converted", "read_meta"]
