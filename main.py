@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from avsiam_jax import distributed, train
+from avsiam_jax import config, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -36,7 +36,7 @@ def main(argv):
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train.run(_CONFIG.value, _WORKDIR.value)
-  except train.ConfigError as e:
+  except config.ConfigError as e:
     sys.exit(f"Config error: {e}")
 
 

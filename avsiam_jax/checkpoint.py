@@ -1,12 +1,32 @@
-"""Orbax checkpoints of the train state together with the input iterator's state."""
+"""Checkpoints: the train state with the input iterator's state (saved and resumed by the
+trainer), and run directories read back for finetuning, evaluation and inference.
+
+A checkpoint is named by its run directory WORKDIR (the latest step is used) or by one step
+directory WORKDIR/checkpoints/<step>. Reading parameters alone is a partial restore of the
+`state` item: the optimizer moments and the data iterator state are not read.
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any
 
 import jax
-import numpy as np
+import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+
+from avsiam_jax import trees
+
+CONFIG_FILE, LABELS_FILE = "config.json", "label_names.json"
+HINT = ("was it written with another config.model (variant, image_size, audio_frames, mel_bins, "
+        "mm_depth, decoder_*) or config.pretrain.separate_optimizers? Resume with the config it "
+        "was trained with, or use a fresh workdir")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint path or run directory that cannot be used, with the path in the message."""
 
 
 class Checkpointer:
@@ -44,8 +64,8 @@ class Checkpointer:
     """
     stored = self.manager.item_metadata(step)["state"]
     if stored is not None:
-      check_compatible(getattr(stored, "tree", stored), abstract_state,
-                       os.path.join(self.directory, str(step)))
+      trees.check_compatible(getattr(stored, "tree", stored), abstract_state,
+                             os.path.join(self.directory, str(step)), HINT)
     out = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
@@ -60,44 +80,78 @@ def abstract_with_shardings(shapes: Any, shardings: Any) -> Any:
                       shapes, shardings)
 
 
-def _flat(tree) -> dict[str, Any]:
-  """'params/encoder/blocks/0/attn/qkv' -> leaf; dict keys, list indices and namedtuple
-  fields (which orbax stores as dicts) all become path parts."""
-  def part(k):
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        return str(getattr(k, attr))
-    return str(k)
-  return {"/".join(part(k) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+# ----- Run directories ----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  workdir: str
+  checkpoints_dir: str
+  step: int
+  config: ml_collections.ConfigDict  # as recorded in config.json
+  label_names: list[str] | None      # finetuning runs only
+
+  @property
+  def step_dir(self) -> str:
+    return str(epath.Path(self.checkpoints_dir) / str(self.step))
 
 
-HINT = ("was it written with another config.model (variant, image_size, audio_frames, mel_bins, "
-        "mm_depth, decoder_*) or config.pretrain.separate_optimizers? Resume with the config it "
-        "was trained with, or use a fresh workdir")
+def _reader(checkpoints_dir) -> ocp.CheckpointManager:
+  # Only reads (no create, no cleanup, nothing to keep or delete); not read_only=True, which
+  # logs warnings on every load.
+  return ocp.CheckpointManager(str(checkpoints_dir), options=ocp.CheckpointManagerOptions(
+      create=False, enable_async_checkpointing=False))
 
 
-def check_compatible(stored: Any, abstract: Any, where: str) -> None:
-  """Raises ValueError at the first path whose presence, shape or dtype differ."""
-  got, want = _flat(stored), _flat(abstract)
-  # Parameters first: their paths say more than the optimizer moments that mirror them.
-  params_first = lambda paths: sorted(paths, key=lambda p: not p.startswith("params/"))
-  for path in params_first(want):
-    a = want[path]
-    if path not in got:
-      raise ValueError(f"checkpoint {where} has no {path} (shape {tuple(a.shape)}), which the "
-                       f"current model needs: {HINT}")
-    s = got[path]
-    if tuple(s.shape) != tuple(a.shape):
-      raise ValueError(f"checkpoint {where} does not fit the current model: {path} has shape "
-                       f"{tuple(s.shape)} in the checkpoint but {tuple(a.shape)} in the model; "
-                       f"{HINT}")
-    if np.dtype(s.dtype) != np.dtype(a.dtype):
-      raise ValueError(f"checkpoint {where} does not fit the current model: {path} has dtype "
-                       f"{np.dtype(s.dtype)} in the checkpoint but {np.dtype(a.dtype)} in the "
-                       f"model; {HINT}")
-  extra = params_first(p for p in got if p not in want)
-  if extra:
-    more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-    raise ValueError(f"checkpoint {where} holds {extra[0]} (shape {tuple(got[extra[0]].shape)})"
-                     f"{more}, which the current model lacks: {HINT}")
+def load_run(checkpoint: str) -> Run:
+  """Resolves WORKDIR or WORKDIR/checkpoints/<step>; reads config.json (and label names)."""
+  path = epath.Path(checkpoint)
+  if (path / CONFIG_FILE).exists():
+    workdir, ckpt_dir, step = path, path / "checkpoints", None
+  elif (path.name.isdigit() and path.parent.name == "checkpoints"
+        and (path.parent.parent / CONFIG_FILE).exists()):
+    workdir, ckpt_dir, step = path.parent.parent, path.parent, int(path.name)
+  else:
+    why = "does not exist" if not path.exists() else f"has no {CONFIG_FILE}"
+    raise CheckpointError(
+        f"{checkpoint}: not a run directory (WORKDIR with {CONFIG_FILE}) nor a checkpoint step "
+        f"directory (WORKDIR/checkpoints/<step>); it {why}")
+  steps = []
+  if ckpt_dir.exists():
+    mgr = _reader(ckpt_dir)
+    steps = list(mgr.all_steps())
+    mgr.close()
+  if step is None:
+    if not steps:
+      raise CheckpointError(f"{checkpoint}: no finished checkpoint in {ckpt_dir}")
+    step = max(steps)
+  elif step not in steps:
+    raise CheckpointError(f"{checkpoint}: not a finished checkpoint of {ckpt_dir} "
+                          f"(finished steps: {sorted(steps) or 'none'})")
+  config = ml_collections.ConfigDict(json.loads((workdir / CONFIG_FILE).read_text()))
+  names = None
+  if config.get("mode") == "finetune":
+    names_path = workdir / LABELS_FILE
+    if not names_path.exists():
+      raise CheckpointError(f"{checkpoint}: finetuning run without {names_path}")
+    names = [str(n) for n in json.loads(names_path.read_text())]
+  return Run(str(workdir), str(ckpt_dir), step, config, names)
+
+
+def restore_params(run: Run, target: Any) -> Any:
+  """The subtree `target` (ShapeDtypeStructs, shaped like the saved params) of the saved params,
+  on one device."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  item = {"params": jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), target)}
+  args = ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)
+  mgr = _reader(run.checkpoints_dir)
+  try:
+    out = mgr.restore(run.step, args=ocp.args.Composite(state=args))
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    raise CheckpointError(f"{run.step_dir}: its parameters do not match the model of "
+                          f"{run.workdir}/{CONFIG_FILE}: {e}") from e
+  finally:
+    mgr.close()
+  return out["state"]["params"]

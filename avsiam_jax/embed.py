@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from avsiam_jax import inference
+from avsiam_jax import checkpoint, inference
 from avsiam_jax.data import media
 
 VIDEO_EXTENSIONS = frozenset(
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     embedder = inference.Embedder.load(args.checkpoint)
-  except inference.CheckpointError as e:
+  except checkpoint.CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   paths = find_videos(args.inputs)

@@ -1,4 +1,5 @@
-"""Finetuning: the mixed-modality update and the classifier's evaluation outputs."""
+"""Finetuning: the classifier on the pretrained encoder, trained on a random input modality per
+step (audio-visual, audio-only or visual-only), as a trainer task."""
 from __future__ import annotations
 
 import jax
@@ -6,38 +7,29 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from avsiam_jax import checkpoint, losses
+from avsiam_jax.config import FinetuneSpec, RunSpec
+from avsiam_jax.data import pipeline
 from avsiam_jax.evaluators.classification import aggregate_frames
+from avsiam_jax.models.avsiam import AVSiam
+from avsiam_jax.models.classifier import (INPUTS, AVSiamClassifier, ClassifierSpec,
+                                           load_pretrained)
+from avsiam_jax.weights import load
 
 HEADS = ("head_a", "head_v", "head_av")
-BRANCHES = ("audio-visual", "audio-only", "visual-only")
+# Branch index -> input, in the order branch_index draws them.
+BRANCHES = INPUTS
 
 
-def classification_loss(logits_BxC, labels_BxC, kind: str):
-  """'bce': sigmoid BCE averaged over classes and clips (AudioSet); 'ce': softmax CE (VGGSound)."""
-  labels_BxC = labels_BxC.astype(jnp.float32)
-  if kind == "bce":
-    return optax.sigmoid_binary_cross_entropy(logits_BxC, labels_BxC).mean()
-  if kind == "ce":
-    # Soft targets, so mixup and label smoothing carry through.
-    return optax.softmax_cross_entropy(logits_BxC, labels_BxC).mean()
-  raise ValueError(f"config.finetune.loss must be 'bce' or 'ce', got {kind!r}")
+def classifier_spec(spec: RunSpec, num_classes: int) -> ClassifierSpec:
+  return ClassifierSpec(encoder=spec.model.encoder, num_classes=num_classes,
+                        mm_depth=spec.model.mm_depth)
 
 
-def probabilities(logits, kind: str):
-  return jax.nn.sigmoid(logits) if kind == "bce" else jax.nn.softmax(logits, axis=-1)
-
-
-def lr_multipliers(params: dict, config) -> dict:
+def lr_multipliers(params: dict, f: FinetuneSpec) -> dict:
   """Per-parameter learning-rate factor: heads x head_lr_mult, multimodal blocks x mm_lr_mult."""
-  f = config.finetune
   factor = {**{h: f.head_lr_mult for h in HEADS}, "mm_blocks": f.mm_lr_mult}
   return {k: jax.tree.map(lambda _, m=factor.get(k, 1.0): m, v) for k, v in params.items()}
-
-
-def scale_by_multipliers(multipliers: dict) -> optax.GradientTransformation:
-  # Adam's update is linear in the learning rate, so scaling it equals a per-group lr.
-  return optax.stateless(lambda updates, params=None: jax.tree.map(
-      lambda u, m: u * m, updates, multipliers))
 
 
 def branch_index(key, modality_mix):
@@ -51,13 +43,13 @@ def finetune_loss(params, graphdef, batch, branch, kind: str):
   audio, video = batch["audio"], batch["video"]
   logits = jax.lax.switch(branch, [lambda: model(audio, video), lambda: model(audio, None),
                                    lambda: model(None, video)])
-  return classification_loss(logits, batch["labels"], kind)
+  return losses.classification_loss(logits, batch["labels"], kind)
 
 
-def train_step(state, batch, base_key, *, graphdef, tx, schedule, config):
-  branch = branch_index(jax.random.fold_in(base_key, state["step"]), config.finetune.modality_mix)
+def train_step(state, batch, base_key, *, graphdef, tx, schedule, f: FinetuneSpec):
+  branch = branch_index(jax.random.fold_in(base_key, state["step"]), f.modality_mix)
   loss, grads = jax.value_and_grad(finetune_loss)(state["params"], graphdef, batch, branch,
-                                                  config.finetune.loss)
+                                                  f.loss)
   updates, opt = tx.update(grads, state["opt"]["total"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = {"loss": loss, "branch": branch, "grad_norm": optax.tree.norm(grads),
@@ -69,7 +61,67 @@ def classifier_eval_step(params, batch, *, graphdef, kind: str, frame: int):
   """Clip probabilities per input (frames aggregated) and the retrieval features."""
   model = nnx.merge(graphdef, params)
   logits, feats = model.clip_outputs(batch["audio"], batch["video"])
-  return {"probs_a": probabilities(logits["a"], kind),
-          "probs_v": aggregate_frames(probabilities(logits["v"], kind)),
-          "probs_av": aggregate_frames(probabilities(logits["av"], kind)),
+  probs = lambda x: losses.probabilities(x, kind)
+  return {"probs_a": probs(logits["a"]),
+          "probs_v": aggregate_frames(probs(logits["v"])),
+          "probs_av": aggregate_frames(probs(logits["av"])),
           "feat_a": feats["a"], "feat_v": feats["v"][:, frame]}
+
+
+def pretrained_avsiam_params(spec: RunSpec, key) -> dict:
+  """Host params of the pretraining model to start from: a pretraining run's
+  (finetune.init_checkpoint), or the weights of model_init placed into a fresh model drawn from
+  `key` (it fills what the file lacks)."""
+  if spec.finetune.init_checkpoint:
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+        lambda: AVSiam(spec.model, rngs=nnx.Rngs(0))), nnx.Param))
+    return jax.device_get(checkpoint.restore_params(
+        checkpoint.load_run(spec.finetune.init_checkpoint), abstract))
+  return load.init_params(spec.model_init, spec.model_init_format, spec.model,
+                          load.fresh_params(spec.model, key))
+
+
+class FinetuneTask:
+  """The classifier for the trainer (train.py): model, optimizer groups, steps, input, logs."""
+
+  name = "finetune"
+  batch_keys = ("audio", "video", "labels")
+  opt_names = ("total",)
+
+  def __init__(self, spec: RunSpec, num_classes: int):
+    self.spec, self.num_classes = spec, num_classes
+    self.schedule = spec.finetune.schedule
+
+  def model(self, rngs: nnx.Rngs) -> AVSiamClassifier:
+    return AVSiamClassifier(classifier_spec(self.spec, self.num_classes), rngs=rngs,
+                            dtype=self.spec.compute_dtype)
+
+  def lr_multipliers(self, params):
+    return lr_multipliers(params, self.spec.finetune)
+
+  def train_step(self, state, batch, key, *, graphdef, tx, schedule):
+    return train_step(state, batch, key, graphdef=graphdef, tx=tx, schedule=schedule,
+                      f=self.spec.finetune)
+
+  def eval_step(self, params, batch, *, graphdef):
+    return classifier_eval_step(params, batch, graphdef=graphdef, kind=self.spec.finetune.loss,
+                                frame=self.spec.eval.frame)
+
+  def train_iterator(self, ds_dir: str, **common):
+    f = self.spec.finetune
+    return pipeline.make_finetune_iterator(
+        ds_dir, self.spec.data.train_split, mixup=f.mixup, label_smoothing=f.label_smoothing,
+        freqm=f.freqm, timem=f.timem, balanced=f.balanced, **common)
+
+  @staticmethod
+  def log_fields(metrics) -> str:
+    return f"this step {BRANCHES[int(metrics['branch'])]}"
+
+  def init_source(self) -> str:
+    """Where the encoder and multimodal blocks come from ("": random weights)."""
+    return self.spec.finetune.init_checkpoint or self.spec.model_init
+
+  def init_params(self, params: dict, key) -> dict:
+    """`params` with the encoder and multimodal blocks of the pretraining source; the heads stay
+    as drawn from `key`."""
+    return load_pretrained(params, pretrained_avsiam_params(self.spec, key))

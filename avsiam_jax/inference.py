@@ -4,10 +4,11 @@ A checkpoint is named by its run directory WORKDIR (the latest step is used) or 
 directory WORKDIR/checkpoints/<step>. Only the parameters are read (a partial restore of the
 `state` item), onto one device; the optimizer is never built.
 
-Clips are prepared exactly as the evaluation pipeline sees them after `data_prep.build`: 10
-frames decoded at 224 px, stored as JPEG and read back at the model's size; the fbank of the
-first 10 s kept as float16, padded or cut to `audio_frames` and normalized. A file without
-usable audio (no stream, silent, under 1 s) is used visual-only, one without video audio-only.
+Clips are prepared exactly as the evaluation pipeline sees their stored records
+(avsiam_jax/data/clips.py): 10 frames decoded at 224 px, stored as JPEG and read back at the
+model's size; the fbank of the first 10 s kept as float16, padded or cut to `audio_frames` and
+normalized. A file without usable audio (no stream, silent, under 1 s) is used visual-only, one
+without video audio-only.
 
   predictor = Predictor.load("/runs/ft")
   p = predictor.predict("clip.mp4", top_k=5)   # p.modality, p.reason, p.top, p.probs
@@ -18,124 +19,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 
-from avsiam_jax import finetuning, train
-from avsiam_jax.data import augment, media, pipeline
-from avsiam_jax.data import fbank as fbank_lib
+from avsiam_jax import checkpoint as checkpoint_lib
+from avsiam_jax import config as config_lib
+from avsiam_jax import losses
+from avsiam_jax.checkpoint import CheckpointError, Run
+from avsiam_jax.data import clips
 from avsiam_jax.models.classifier import AVSiamClassifier, ClassifierSpec
 from avsiam_jax.models.vit import Encoder
-from data_prep import build
-
-AUDIO_VISUAL, AUDIO_ONLY, VISUAL_ONLY = "audio-visual", "audio-only", "visual-only"
-LOSSES = ("bce", "ce")
-# media.ClipError reason -> (modality still usable, why); other reasons fail the clip.
-_FALLBACK = {
-    "no_audio": (VISUAL_ONLY, "no audio stream"),
-    "silent_audio": (VISUAL_ONLY, "silent audio track"),
-    "audio_too_short": (VISUAL_ONLY, f"audio shorter than {media.MIN_AUDIO_SECONDS:g} s"),
-    "no_video": (AUDIO_ONLY, "no video stream"),
-    "no_frames": (AUDIO_ONLY, "no decodable video frame"),
-}
-
-
-# The eval pipeline's own per-clip steps, reused so that the numbers stay the same.
-_eval_audio = pipeline._audio  # pylint: disable=protected-access
-_eval_frame = pipeline._frame  # pylint: disable=protected-access
-
-
-class CheckpointError(ValueError):
-  """A checkpoint path or run directory that cannot be used, with the path in the message."""
-
 
 # ----- Run directories and parameters -------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  workdir: str
-  checkpoints_dir: str
-  step: int
-  config: ml_collections.ConfigDict
-  label_names: list[str] | None  # finetuning runs only
-
-  @property
-  def step_dir(self) -> str:
-    return str(epath.Path(self.checkpoints_dir) / str(self.step))
-
-
-def _manager(checkpoints_dir) -> ocp.CheckpointManager:
-  # Only reads (no create, no cleanup, nothing to keep or delete); not read_only=True, which
-  # logs warnings on every load.
-  return ocp.CheckpointManager(str(checkpoints_dir), options=ocp.CheckpointManagerOptions(
-      create=False, enable_async_checkpointing=False))
-
-
-def load_run(checkpoint: str) -> Run:
-  """Resolves WORKDIR or WORKDIR/checkpoints/<step>; reads config.json (and label names)."""
-  path = epath.Path(checkpoint)
-  if (path / "config.json").exists():
-    workdir, ckpt_dir, step = path, path / "checkpoints", None
-  elif (path.name.isdigit() and path.parent.name == "checkpoints"
-        and (path.parent.parent / "config.json").exists()):
-    workdir, ckpt_dir, step = path.parent.parent, path.parent, int(path.name)
-  else:
-    why = "does not exist" if not path.exists() else "has no config.json"
-    raise CheckpointError(
-        f"{checkpoint}: not a run directory (WORKDIR with config.json) nor a checkpoint step "
-        f"directory (WORKDIR/checkpoints/<step>); it {why}")
-  steps = []
-  if ckpt_dir.exists():
-    mgr = _manager(ckpt_dir)
-    steps = list(mgr.all_steps())
-    mgr.close()
-  if step is None:
-    if not steps:
-      raise CheckpointError(f"{checkpoint}: no finished checkpoint in {ckpt_dir}")
-    step = max(steps)
-  elif step not in steps:
-    raise CheckpointError(f"{checkpoint}: not a finished checkpoint of {ckpt_dir} "
-                          f"(finished steps: {sorted(steps) or 'none'})")
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  names = None
-  if config.get("mode") == "finetune":
-    names_path = workdir / "label_names.json"
-    if not names_path.exists():
-      raise CheckpointError(f"{checkpoint}: finetuning run without {names_path}")
-    names = [str(n) for n in json.loads(names_path.read_text())]
-  return Run(str(workdir), str(ckpt_dir), step, config, names)
-
-
-def restore_params(run: Run, target: Any) -> Any:
-  """The subtree `target` (ShapeDtypeStructs, shaped like the saved params) of the saved params.
-
-  Partial restore: a PyTreeRestore of the `state` item whose target holds only
-  {"params": target}; the optimizer moments and the data iterator state are not read.
-  """
-  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  item = {"params": jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), target)}
-  args = ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)
-  mgr = _manager(run.checkpoints_dir)
-  try:
-    out = mgr.restore(run.step, args=ocp.args.Composite(state=args))
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    raise CheckpointError(f"{run.step_dir}: its parameters do not match the model of "
-                          f"{run.workdir}/config.json: {e}") from e
-  finally:
-    mgr.close()
-  return out["state"]["params"]
-
 
 def _restore_model(run: Run, make, subtree: str | None = None):
   """(graphdef, state) of the module `make()` with its parameters from the checkpoint.
@@ -146,67 +44,15 @@ def _restore_model(run: Run, make, subtree: str | None = None):
   graphdef, state = nnx.split(abstract)
   target = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   if subtree is None:
-    params = restore_params(run, target)
+    params = checkpoint_lib.restore_params(run, target)
   else:
-    params = restore_params(run, {subtree: target})[subtree]
+    params = checkpoint_lib.restore_params(run, {subtree: target})[subtree]
   nnx.replace_by_pure_dict(state, params)
   return graphdef, state
 
 
 def _dtype(config):
-  return train.DTYPES[config.model.get("dtype", "float32")]
-
-
-# ----- Clip preparation ---------------------------------------------------------------------
-
-@dataclasses.dataclass
-class PreparedClip:
-  path: str
-  audio: np.ndarray | None  # (audio_frames, 128) float32, normalized
-  video: np.ndarray | None  # (10, S, S, 3) float32, ImageNet-normalized
-  modality: str  # AUDIO_VISUAL, AUDIO_ONLY or VISUAL_ONLY
-  reason: str  # why a modality is missing; "" for audio-visual
-
-
-def _decode(path):
-  """(frames uint8 or None, waveform or None, modality, reason) as data_prep.build decodes."""
-  kw = dict(max_seconds=build.MAX_SECONDS)
-  try:
-    clip = media.decode_clip(path, num_frames=build.NUM_FRAMES, image_size=build.IMAGE_SIZE,
-                             sample_rate=build.SAMPLE_RATE, **kw)
-    return clip.frames, clip.waveform, AUDIO_VISUAL, ""
-  except media.ClipError as e:
-    if e.reason not in _FALLBACK:
-      raise
-    modality, reason = _FALLBACK[e.reason]
-  try:
-    if modality == VISUAL_ONLY:
-      frames = media.decode_frames(path, num_frames=build.NUM_FRAMES,
-                                   image_size=build.IMAGE_SIZE, **kw)
-      return frames, None, modality, reason
-    wave = media.decode_audio(path, sample_rate=build.SAMPLE_RATE, **kw)
-    return None, wave, modality, reason
-  except media.ClipError as e:
-    # Neither modality is usable: say why for both.
-    raise media.ClipError(e.path, e.reason, f"{e.detail or e.reason}; and {reason}") from None
-
-
-def prepare_clip(path, *, audio_frames: int, image_size: int) -> PreparedClip:
-  """Model inputs of one media file; raises media.ClipError (file and reason) if unusable."""
-  path = str(path)
-  frames, wave, modality, reason = _decode(path)
-  audio = video = None
-  if wave is not None:
-    # float16 as stored by data_prep.build, then the eval pipeline's pad/cut + normalize.
-    feats = fbank_lib.fbank(wave, sample_rate=build.SAMPLE_RATE).astype(np.float16)
-    audio = fbank_lib.normalize(_eval_audio({"id": path, "fbank": feats}, audio_frames))
-  if frames is not None:
-    # The JPEG round trip of the stored frames, then the eval pipeline's resize + normalize.
-    ex = {"id": path, "frames": [media.encode_jpeg(f) for f in frames]}
-    video = np.empty((len(frames), image_size, image_size, 3), np.float32)
-    for t in range(len(frames)):
-      augment.normalize_image(_eval_frame(ex, t, image_size), out=video[t])
-  return PreparedClip(path, audio, video, modality, reason)
+  return config_lib.DTYPES[config.model.get("dtype", "float32")]
 
 
 # ----- Classification -----------------------------------------------------------------------
@@ -214,7 +60,7 @@ def prepare_clip(path, *, audio_frames: int, image_size: int) -> PreparedClip:
 @dataclasses.dataclass
 class Prediction:
   path: str
-  modality: str  # AUDIO_VISUAL, AUDIO_ONLY or VISUAL_ONLY
+  modality: str  # clips.AUDIO_VISUAL, AUDIO_ONLY or VISUAL_ONLY
   reason: str  # why a modality is missing; "" for audio-visual
   top: list[tuple[str, float]]  # (class name, score), best first
   probs: np.ndarray  # (C,) float32: sigmoid (bce) or softmax (ce) scores
@@ -226,14 +72,14 @@ class Prediction:
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _audio_only(graphdef, loss, state, audio):
   model = nnx.merge(graphdef, state)
-  return finetuning.probabilities(model(audio=audio[None]), loss)[0]
+  return losses.probabilities(model(audio=audio[None]), loss)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _visual_only(graphdef, loss, state, video):
   model = nnx.merge(graphdef, state)
   # Per-frame scores, averaged.
-  return finetuning.probabilities(model(video=video), loss).mean(axis=0)
+  return losses.probabilities(model(video=video), loss).mean(axis=0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -243,7 +89,7 @@ def _audio_visual(graphdef, loss, state, audio, video):
   a = model.encoder(audio[None], "a")
   a = jnp.broadcast_to(a, (video.shape[0],) + a.shape[1:])
   f = model.fuse(a, model.encoder(video, "v"))
-  return finetuning.probabilities(model.head_av(f).astype(jnp.float32), loss).mean(axis=0)
+  return losses.probabilities(model.head_av(f).astype(jnp.float32), loss).mean(axis=0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -265,7 +111,7 @@ class Predictor:
 
   @classmethod
   def load(cls, checkpoint: str) -> "Predictor":
-    run = load_run(checkpoint)
+    run = checkpoint_lib.load_run(checkpoint)
     config = run.config
     if config.get("mode") == "pretrain":
       raise CheckpointError(f"{checkpoint}: a pretraining run has no classification heads; "
@@ -274,18 +120,18 @@ class Predictor:
       raise CheckpointError(f"{checkpoint}: config.mode {config.get('mode')!r} is not "
                             "'finetune'")
     loss = config.get("finetune", {}).get("loss")
-    if loss not in LOSSES:
-      raise CheckpointError(f"{checkpoint}: config.finetune.loss must be one of {LOSSES}, "
+    if loss not in losses.CLASSIFICATION_LOSSES:
+      raise CheckpointError(f"{checkpoint}: config.finetune.loss must be one of {losses.CLASSIFICATION_LOSSES}, "
                             f"got {loss!r}")
-    spec = ClassifierSpec(encoder=train.model_spec(config).encoder,
+    spec = ClassifierSpec(encoder=config_lib.model_spec(config.model).encoder,
                           num_classes=len(run.label_names), mm_depth=config.model.mm_depth)
     graphdef, state = _restore_model(
         run, lambda: AVSiamClassifier(spec, rngs=nnx.Rngs(0), dtype=_dtype(config)))
     return cls(run, graphdef, state)
 
-  def prepare(self, path) -> PreparedClip:
+  def prepare(self, path) -> clips.PreparedClip:
     m = self.config.model
-    return prepare_clip(path, audio_frames=m.audio_frames, image_size=m.image_size)
+    return clips.prepare_clip(path, audio_frames=m.audio_frames, image_size=m.image_size)
 
   def probabilities(self, audio: np.ndarray | None, video: np.ndarray | None) -> np.ndarray:
     """(C,) scores of prepared inputs: audio (T, 128) and/or video (frames, S, S, 3)."""
@@ -317,21 +163,21 @@ class Embedder:
     self.run = run
     self.config = run.config
     self.frame = int(run.config.get("eval", {}).get("frame", 5))
-    self.dim = train.model_spec(run.config).encoder.width
+    self.dim = config_lib.model_spec(run.config.model).encoder.width
     self._graphdef, self._state = graphdef, state
 
   @classmethod
   def load(cls, checkpoint: str) -> "Embedder":
     """Any run: pretraining (AVSiam) and finetuning (classifier) params share `encoder`."""
-    run = load_run(checkpoint)
-    spec = train.model_spec(run.config).encoder
+    run = checkpoint_lib.load_run(checkpoint)
+    spec = config_lib.model_spec(run.config.model).encoder
     graphdef, state = _restore_model(
         run, lambda: Encoder(spec, rngs=nnx.Rngs(0), dtype=_dtype(run.config)), "encoder")
     return cls(run, graphdef, state)
 
-  def prepare(self, path) -> PreparedClip:
+  def prepare(self, path) -> clips.PreparedClip:
     m = self.config.model
-    return prepare_clip(path, audio_frames=m.audio_frames, image_size=m.image_size)
+    return clips.prepare_clip(path, audio_frames=m.audio_frames, image_size=m.image_size)
 
   def embed_inputs(self, audio: np.ndarray | None, video: np.ndarray | None):
     """(audio (D,) or None, video (D,) or None) of prepared inputs; video uses one frame."""

@@ -1,8 +1,13 @@
-"""Pretraining losses."""
+"""Training losses: contrastive and reconstruction (pretraining), classification (finetuning)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
+
+# Classification losses by name: 'bce' sigmoid (multi-label, AudioSet), 'ce' softmax
+# (single-label, VGGSound).
+CLASSIFICATION_LOSSES = ("bce", "ce")
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -23,3 +28,19 @@ def masked_mse(pred_BxNxP, target_BxNxP, mask_BxN):
   """Per-patch MSE averaged over masked patches only."""
   per_patch = jnp.mean(jnp.square(pred_BxNxP.astype(jnp.float32) - target_BxNxP), axis=-1)
   return jnp.sum(per_patch * mask_BxN) / jnp.maximum(jnp.sum(mask_BxN), 1.0)
+
+
+def classification_loss(logits_BxC, labels_BxC, kind: str):
+  """'bce': sigmoid BCE averaged over classes and clips; 'ce': softmax cross-entropy."""
+  labels_BxC = labels_BxC.astype(jnp.float32)
+  if kind == "bce":
+    return optax.sigmoid_binary_cross_entropy(logits_BxC, labels_BxC).mean()
+  if kind == "ce":
+    # Soft targets, so mixup and label smoothing carry through.
+    return optax.softmax_cross_entropy(logits_BxC, labels_BxC).mean()
+  raise ValueError(f"classification loss must be one of {CLASSIFICATION_LOSSES}, got {kind!r}")
+
+
+def probabilities(logits, kind: str):
+  """The scores a classification loss trains: sigmoid ('bce') or softmax ('ce')."""
+  return jax.nn.sigmoid(logits) if kind == "bce" else jax.nn.softmax(logits, axis=-1)

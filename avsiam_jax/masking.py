@@ -80,14 +80,8 @@ def multi_ratio_masks(key, batch: int, num_tokens: int, ratios: Sequence[float],
   return perm, noise
 
 
-def random_keep(key, x_BxNxD, num_keep: int):
-  """Keeps num_keep distinct random tokens per example; returns (kept, ids_keep, ids_restore)."""
-  b, n = x_BxNxD.shape[:2]
-  return keep_by_noise(mask_noise(key, b, n), x_BxNxD, num_keep)
-
-
 def keep_by_noise(noise_BxN, x_BxNxD, num_keep: int):
-  """random_keep with its noise given: keeps the num_keep tokens of lowest noise."""
+  """Keeps the num_keep tokens of lowest noise; returns (kept, ids_keep, ids_restore)."""
   ids_shuffle = jnp.argsort(noise_BxN, axis=1)
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
   ids_keep = ids_shuffle[:, :num_keep]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from avsiam_jax import inference
+from avsiam_jax import checkpoint, inference
 from avsiam_jax.data import media
 
 
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     predictor = inference.Predictor.load(args.checkpoint)
-  except inference.CheckpointError as e:
+  except checkpoint.CheckpointError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   failed = 0

@@ -1,5 +1,12 @@
-"""Pretraining update: multi-ratio contrastive loss plus masked reconstruction."""
+"""Pretraining: the multi-ratio contrastive loss plus masked reconstruction, as a trainer task.
+
+The batch layout lives here, not in the model: examples are split into mask-ratio groups inside
+each of `batch_shards` data shards (masking.py), and gradient accumulation takes equal rows of
+every group. The model only embeds, encodes and pools.
+"""
 from __future__ import annotations
+
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -7,23 +14,56 @@ import optax
 from flax import nnx
 
 from avsiam_jax import losses, masking
+from avsiam_jax.config import PretrainSpec, RunSpec
+from avsiam_jax.data import pipeline
+from avsiam_jax.models.avsiam import AVSiam
+from avsiam_jax.weights import load
 
 
-def loss_names(config) -> tuple[str, ...]:
+def loss_names(p: PretrainSpec) -> tuple[str, ...]:
   """One optimizer state per entry: both losses together, or one per loss as released."""
-  return ("contrastive", "reconstruction") if config.pretrain.separate_optimizers else ("total",)
+  return ("contrastive", "reconstruction") if p.separate_optimizers else ("total",)
 
 
-def pretrain_losses(params, graphdef, batch, key, config, batch_shards: int, which: str):
+def group_features(model, x, modality: str, perm_SxGxg, noise, ratios: Sequence[float], *,
+                   tokens=None):
+  """Pooled features per ratio group, [(S * g, D)] in take_group order.
+
+  perm and noise as from masking.multi_ratio_masks, or one micro-batch's rows of them. `tokens`:
+  model.embed(x) of the full batch, so each group gathers its tokens; None: each group embeds
+  only its own rows of x (a micro-batch).
+  """
+  n = model.num_tokens(modality)
+  pooled = []
+  for k, ratio in enumerate(ratios):
+    if tokens is not None:
+      group = masking.take_group(tokens, perm_SxGxg, k)
+    else:
+      group = model.embed(masking.take_group(x, perm_SxGxg, k), modality)
+    if noise[k] is not None:
+      group, _, _ = masking.keep_by_noise(noise[k], group, masking.kept_count(n, ratio))
+    pooled.append(model.pool(model.encode(group, modality)))
+  return pooled
+
+
+def multi_ratio_features(model, x, modality: str, key, ratios: Sequence[float],
+                         batch_shards: int):
+  """Pooled features (B, D) of the whole batch, each ratio group masked at its own ratio."""
+  perm, noise = masking.multi_ratio_masks(key, x.shape[0], model.num_tokens(modality), ratios,
+                                          batch_shards)
+  groups = group_features(model, x, modality, perm, noise, ratios,
+                          tokens=model.embed(x, modality))
+  return masking.untake_groups(groups, perm)
+
+
+def pretrain_losses(params, graphdef, batch, key, p: PretrainSpec, which: str):
   """which: 'total', 'contrastive' or 'reconstruction'. Returns (loss, parts)."""
   model = nnx.merge(graphdef, params)
-  p = config.pretrain
   k_a, k_v, k_rec = jax.random.split(key, 3)
   parts = {}
   if which in ("total", "contrastive"):
-    ratios = tuple(p.mask_ratios)
-    fa = model.multi_ratio_features(batch["audio"], "a", k_a, ratios, batch_shards)
-    fv = model.multi_ratio_features(batch["video"], "v", k_v, ratios, batch_shards)
+    fa = multi_ratio_features(model, batch["audio"], "a", k_a, p.mask_ratios, p.batch_shards)
+    fv = multi_ratio_features(model, batch["video"], "v", k_v, p.mask_ratios, p.batch_shards)
     parts["contrastive"] = losses.contrastive_loss(fa, fv, p.tau)
   if which in ("total", "reconstruction"):
     parts["reconstruction"] = model.reconstruction_loss(
@@ -32,24 +72,8 @@ def pretrain_losses(params, graphdef, batch, key, config, batch_shards: int, whi
   return sum(parts.values()), parts
 
 
-def check_accumulation(config, batch_shards: int) -> None:
-  """Fails unless every (shard, ratio group) splits evenly into config.accum_steps micro-batches."""
-  accum = config.accum_steps
-  if not isinstance(accum, int) or accum < 1:
-    raise ValueError(f"config.accum_steps must be a positive integer, got {accum!r}")
-  groups = len(config.pretrain.mask_ratios)
-  masking.check_groups(config.batch_size, groups, batch_shards)
-  g = config.batch_size // batch_shards // groups
-  if g % accum:
-    raise ValueError(
-        f"config.accum_steps {accum} does not divide the {g} examples of each mask-ratio group "
-        f"on each data shard (batch {config.batch_size} / {batch_shards} shards / {groups} "
-        "ratios); micro-batches must take equal parts of every group")
-
-
-def accumulated_losses_and_grads(params, graphdef, batch, key, config, batch_shards: int,
-                                 which: str):
-  """((loss, parts), grads) of pretrain_losses, over config.accum_steps micro-batches.
+def accumulated_losses_and_grads(params, graphdef, batch, key, p: PretrainSpec, which: str):
+  """((loss, parts), grads) of pretrain_losses, over p.accum_steps micro-batches.
 
   The masks are drawn for the full batch as pretrain_losses draws them; micro-batch m takes
   rows [m * r / M, (m + 1) * r / M) of each shard's r rows of every ratio group (contrastive)
@@ -58,7 +82,7 @@ def accumulated_losses_and_grads(params, graphdef, batch, key, config, batch_sha
   micro-batch's slice of those gradients. The reconstruction loss, normalized by a masked-patch
   count that is the same for every example, is the mean of the micro-batch losses.
   """
-  accum, p = config.accum_steps, config.pretrain
+  accum, batch_shards = p.accum_steps, p.batch_shards
   model = nnx.merge(graphdef, params)
   k_a, k_v, k_rec = jax.random.split(key, 3)
   b = batch["audio"].shape[0]
@@ -67,7 +91,7 @@ def accumulated_losses_and_grads(params, graphdef, batch, key, config, batch_sha
   with_c = which in ("total", "contrastive")
   with_r = which in ("total", "reconstruction")
   inputs = {"a": batch["audio"], "v": batch["video"]}
-  ratios = tuple(p.mask_ratios)
+  ratios = p.mask_ratios
   parts = {}
 
   if with_c:
@@ -80,8 +104,8 @@ def accumulated_losses_and_grads(params, graphdef, batch, key, config, batch_sha
       out = {}
       for mod, (perm, noise) in masks.items():
         noise_m = tuple(None if z is None else micro(z, m) for z in noise)
-        out[mod] = model.group_features(inputs[mod], mod, masking.micro_groups(perm, m, accum),
-                                        noise_m, ratios)
+        out[mod] = group_features(model, inputs[mod], mod, masking.micro_groups(perm, m, accum),
+                                  noise_m, ratios)
       return out
 
     # Forward only: nothing is kept for a backward pass.
@@ -123,16 +147,16 @@ def accumulated_losses_and_grads(params, graphdef, batch, key, config, batch_sha
   return (sum(parts.values()), parts), grads
 
 
-def train_step(state, batch, base_key, *, graphdef, tx, schedule, config, batch_shards):
+def train_step(state, batch, base_key, *, graphdef, tx, schedule, p: PretrainSpec):
   key = jax.random.fold_in(base_key, state["step"])
   params, opt, metrics = state["params"], dict(state["opt"]), {}
-  if config.accum_steps == 1:
+  if p.accum_steps == 1:
     grad_fn = jax.value_and_grad(pretrain_losses, has_aux=True)
   else:
     grad_fn = accumulated_losses_and_grads
-  for name in loss_names(config):
+  for name in loss_names(p):
     # With separate optimizers the reconstruction step sees the contrastive update, as released.
-    (loss, parts), grads = grad_fn(params, graphdef, batch, key, config, batch_shards, name)
+    (loss, parts), grads = grad_fn(params, graphdef, batch, key, p, name)
     updates, opt[name] = tx.update(grads, opt[name], params)
     params = optax.apply_updates(params, updates)
     metrics.update(parts)
@@ -147,3 +171,46 @@ def eval_step(params, batch, *, graphdef, frame: int):
   model = nnx.merge(graphdef, params)
   return {"feat_a": model.features(batch["audio"], "a"),
           "feat_v": model.features(batch["video"][:, frame], "v")}
+
+
+class PretrainTask:
+  """AVSiam pretraining for the trainer (train.py): model, optimizers, steps, input, logs."""
+
+  name = "pretrain"
+  batch_keys = ("audio", "video")
+
+  def __init__(self, spec: RunSpec):
+    self.spec = spec
+    self.schedule = spec.pretrain.schedule
+    self.opt_names = loss_names(spec.pretrain)
+
+  def model(self, rngs: nnx.Rngs) -> AVSiam:
+    return AVSiam(self.spec.model, rngs=rngs, dtype=self.spec.compute_dtype)
+
+  def lr_multipliers(self, params):
+    del params
+    return None
+
+  def train_step(self, state, batch, key, *, graphdef, tx, schedule):
+    return train_step(state, batch, key, graphdef=graphdef, tx=tx, schedule=schedule,
+                      p=self.spec.pretrain)
+
+  def eval_step(self, params, batch, *, graphdef):
+    return eval_step(params, batch, graphdef=graphdef, frame=self.spec.eval.frame)
+
+  def train_iterator(self, ds_dir: str, **common):
+    return pipeline.make_pretrain_iterator(ds_dir, self.spec.data.train_split, **common)
+
+  @staticmethod
+  def log_fields(metrics) -> str:
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("contrastive", "reconstruction"))
+
+  def init_source(self) -> str:
+    """Where pretrained weights come from ("": a fresh model)."""
+    return self.spec.model_init
+
+  def init_params(self, params: dict, key) -> dict:
+    """`params` (the fresh state's, drawn from `key`) with config.model_init placed in."""
+    del key  # the state's own params are that draw
+    return load.init_params(self.spec.model_init, self.spec.model_init_format, self.spec.model,
+                            params)

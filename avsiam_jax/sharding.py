@@ -1,4 +1,4 @@
-"""Mesh from config and logical-axis rules: the only place that knows about devices."""
+"""Mesh from config.mesh and logical-axis rules: the only place that knows about devices."""
 from __future__ import annotations
 
 import math
@@ -9,34 +9,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-# The batch is split over every axis that holds different examples.
-BATCH_AXES = ("data", "fsdp")
+from avsiam_jax.config import BATCH_AXES, MESH_AXES, MeshSpec
 
 
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-  """Resolves one -1 entry to the remaining devices; checks the product."""
-  shape = [int(mesh_config[a]) for a in MESH_AXES]
-  if shape.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
-  if any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"config.mesh: axis sizes must be positive or -1, got {shape}")
-  known = math.prod(s for s in shape if s != -1)
-  if -1 in shape:
-    if num_devices % known:
-      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))} does not divide the "
-                       f"{num_devices} devices present")
-    shape[shape.index(-1)] = num_devices // known
-  if math.prod(shape) != num_devices:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
-                     f"{num_devices} are present")
-  return tuple(shape)
-
-
-def make_mesh(mesh_config, devices=None) -> Mesh:
+def make_mesh(mesh: MeshSpec, devices=None) -> Mesh:
+  """The mesh of config.mesh on `devices` (default: all), as many as its shape needs."""
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+  if math.prod(mesh.shape) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, mesh.shape))} needs {math.prod(mesh.shape)} "
+                     f"devices, got {len(devices)}")
+  return jax.make_mesh(mesh.shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
 
 

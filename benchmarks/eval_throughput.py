@@ -1,6 +1,6 @@
 """Evaluation throughput in clips/s: the compiled eval steps, and the tiny one end to end.
 
-  python benchmarks/eval_throughput.py [--repeats 3] [--base_batch 4] [--quick]
+  python -m benchmarks.eval_throughput [--repeats 3] [--base_batch 4] [--quick]
 
 Rows, for the tiny demo config and Base (B/16, 224 px, 1024 audio frames):
   classifier  finetuned model on a clip: audio encoded once, all 10 frames encoded, 10
@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from avsiam_jax import sharding, train  # noqa: E402
-from avsiam_jax.data import demo, pipeline, records  # noqa: E402
-from benchmarks.report import write_section  # noqa: E402
-from configs import base, demo as demo_config  # noqa: E402
+from avsiam_jax import sharding, state, train
+from avsiam_jax.config import parse
+from avsiam_jax.data import demo, pipeline, records
+from benchmarks.report import command, write_section
+from configs import base, demo as demo_config
 
 NUM_CLASSES = 527
 
@@ -49,9 +47,15 @@ def random_batch(config, mesh):
                           ).astype(np.float32)}, mesh)
 
 
+def build(config, num_classes: int):
+  """The trainer's compiled functions for config.mode's stage on one device."""
+  spec = parse(config, 1)
+  mesh = sharding.make_mesh(spec.mesh, devices=jax.devices()[:1])
+  return mesh, state.make_train_fns(train.make_task(spec, spec.mode, num_classes), mesh, 1)
+
+
 def device_rate(config, repeats: int) -> float:
-  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  fns = train.make_train_fns(config, mesh, 1, NUM_CLASSES if train.is_finetune(config) else 0)
+  mesh, fns = build(config, NUM_CLASSES if config.mode == "finetune" else 0)
   params = fns.init(jax.random.key(0))["params"]
   batch = random_batch(config, mesh)
   jax.block_until_ready(fns.evaluate(params, batch))  # compile + warm-up
@@ -67,8 +71,7 @@ def end_to_end_rate(config, repeats: int) -> tuple[float, int]:
   """Tiny classifier over the demo eval split read from disk: pipeline + step, clips/s."""
   with tempfile.TemporaryDirectory() as tmp:
     ds = demo.ensure_demo_dataset(os.path.join(tmp, "ds"), config.eval.batch_size, 200, seed=0)
-    mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-    fns = train.make_train_fns(config, mesh, 1, len(records.read_info(ds)["label_names"]))
+    mesh, fns = build(config, len(records.read_info(ds)["label_names"]))
     params = fns.init(jax.random.key(0))["params"]
     best, clips = 0.0, 0
     for r in range(repeats + 1):
@@ -108,7 +111,7 @@ def main():
                f"{rate:.2f}"))
 
   dev = jax.devices()[0]
-  lines = [f"`{' '.join(['python'] + sys.argv)}`", "",
+  lines = [f"`{command()}`", "",
            f"Device: {dev.device_kind} ({dev.platform}), one device, {os.cpu_count()} CPUs, "
            f"jax {jax.__version__}; float32; load average before: {load:.1f}. Device rows: the "
            f"fastest of {args.repeats} calls on one random batch after a warm-up.", "",

@@ -32,8 +32,7 @@ results="$(grep -E 'Pretraining:|Finetuning:' "$tmp/demo.log" | sed -E 's/^.*\] 
 cd "$repo"
 python3 - "$demo_s" "$test_s" "$summary" "$results" "$(nproc)" <<'PY'
 import sys
-sys.path.insert(0, "benchmarks")
-from report import write_section
+from benchmarks.report import write_section  # `python3 -` puts the cwd (the repo) on sys.path
 demo_s, test_s, summary, results, cores = sys.argv[1:]
 fmt = lambda s: f"{int(s) // 60} min {int(s) % 60:02d} s"
 cell = lambda text: text.replace("|", "\\|").replace("\n", "<br>")  # one table cell

@@ -1,6 +1,6 @@
 """Input-pipeline throughput on a synthetic on-disk dataset.
 
-  python benchmarks/input_pipeline.py [--clips 512] [--batch 32] [--batches 40]
+  python -m benchmarks.input_pipeline [--clips 512] [--batch 32] [--batches 40]
 
 Builds `clips` clips (10 JPEG frames of 224x224 smooth random images, a
 1024x128 fbank, 1-3 labels of 527) in a temp dir, then measures samples/s of
@@ -15,18 +15,15 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from avsiam_jax.data import demo_clips, fbank, pipeline, records  # noqa: E402
-from benchmarks.report import write_section  # noqa: E402
-from data_prep import build  # noqa: E402
+from avsiam_jax.data import demo_clips, fbank, pipeline, records
+from benchmarks.report import command, write_section
+from data_prep import build
 
 NUM_CLASSES = 527
 
@@ -150,8 +147,7 @@ def main():
             "| implementation | waveforms/s |", "|---|---|",
             f"| numpy, one at a time | {numpy_rate:.0f} |", f"| JAX, batched, jitted | {jax_rate:.0f} |",
             f"| JAX / numpy | {jax_rate / numpy_rate:.2f}x |"]
-  command = " ".join(["python"] + sys.argv)
-  write_section("Input pipeline", f"`{command}`\n\n{setup}\n\n" + "\n".join(table) + "\n")
+  write_section("Input pipeline", f"`{command()}`\n\n{setup}\n\n" + "\n".join(table) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Compiled per-device memory of the pretraining train step: model size x sharding x remat.
 
-  python benchmarks/memory.py [--preset quick|default|docs|full] [--cases L/fsdp/on,sepL/fsdp/on/5]
+  python -m benchmarks.memory [--preset quick|default|docs|full] [--cases L/fsdp/on,sepL/fsdp/on/5]
                               [--full_compile] [--no_write]
 
-Nothing runs: each case builds the train step with `train.make_train_fns` on 8 virtual CPU
+Nothing runs: each case builds the train step with `state.make_train_fns` on 8 virtual CPU
 devices, lowers it with abstract (ShapeDtypeStruct) inputs and reads XLA's buffer assignment
 for one device. Strategies are meshes (data, fsdp, tensor): dp = (8, 1, 1), fsdp = (1, 8, 1),
 fsdp_tp = (1, 4, 2). The global batch is 8 x the per-device batch under every strategy.
@@ -41,7 +41,6 @@ import time
 import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 DEVICES = 8
 XLA_FLAGS = (f"--xla_force_host_platform_device_count={DEVICES} "
@@ -51,7 +50,7 @@ XLA_FLAGS = (f"--xla_force_host_platform_device_count={DEVICES} "
 if XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()
 
-from benchmarks.report import write_section  # noqa: E402
+from benchmarks.report import command, write_section  # noqa: E402
 
 # "T" (the demo's tiny ViT at full input size, batch 5) only checks the tool quickly.
 VARIANTS = {"T": "tiny", "B": "B/16", "L": "L/16", "H": "H/14"}
@@ -104,22 +103,30 @@ def valid_batch(paper: int, groups: int) -> int:
 # ----- One case (child process) --------------------------------------------------------------
 
 @contextlib.contextmanager
-def model_patches(separate: bool, remat: bool):
-  """Builds AVSep instead of AVSiam, and remats the decoder blocks too, until train.py and
-  avsiam.py have switches for both (config.model.remat already reaches encoder and MM blocks)."""
-  from avsiam_jax import train  # pylint: disable=g-import-not-at-top
-  from avsiam_jax.models import avsep, avsiam, layers  # pylint: disable=g-import-not-at-top
-  saved = train.AVSiam, avsiam.layers
+def decoder_remat(remat: bool):
+  """Remats the decoder blocks too, until avsiam.py has a switch for it (config.model.remat
+  already reaches the encoder and multimodal blocks)."""
+  from avsiam_jax.models import avsiam, layers  # pylint: disable=g-import-not-at-top
+  saved = avsiam.layers
   # Decoder blocks take remat only where avsiam.py does not pass it itself.
   patched_layers = types.SimpleNamespace(**vars(layers))
   patched_layers.Block = functools.partial(layers.Block, remat=remat)
   try:
     avsiam.layers = patched_layers
-    if separate:
-      train.AVSiam = avsep.AVSep
     yield
   finally:
-    train.AVSiam, avsiam.layers = saved
+    avsiam.layers = saved
+
+
+def make_task(spec, separate: bool):
+  """The pretraining task, or the same task with AVSep (an audio encoder of its own)."""
+  from avsiam_jax import pretraining  # pylint: disable=g-import-not-at-top
+  from avsiam_jax.models import avsep  # pylint: disable=g-import-not-at-top
+
+  class AVSepTask(pretraining.PretrainTask):
+    def model(self, rngs):
+      return avsep.AVSep(self.spec.model, rngs=rngs, dtype=self.spec.compute_dtype)
+  return (AVSepTask if separate else pretraining.PretrainTask)(spec)
 
 
 def make_config(case: dict):
@@ -167,16 +174,18 @@ def run_case(case: dict, dump_dir: str, full_compile: bool) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from avsiam_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from avsiam_jax import sharding, state  # pylint: disable=g-import-not-at-top
+  from avsiam_jax.config import parse  # pylint: disable=g-import-not-at-top
   from avsiam_jax.models import layers  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
   config = make_config(case)
-  train.check_config(config, jax.device_count())
-  with model_patches(case["separate"], case["remat"]):
-    mesh = sharding.make_mesh(config.mesh)
-    fns = train.make_train_fns(config, mesh, steps_per_epoch=100)
-    model = nnx.eval_shape(lambda: train.AVSiam(train.model_spec(config), rngs=nnx.Rngs(0)))
+  spec = parse(config, jax.device_count())
+  with decoder_remat(case["remat"]):
+    mesh = sharding.make_mesh(spec.mesh)
+    task = make_task(spec, case["separate"])
+    fns = state.make_train_fns(task, mesh, steps_per_epoch=100)
+    model = state.abstract_model(task)
   blocks = [x for _, x in nnx.iter_graph(model) if isinstance(x, layers.Block)]
   if any(x.remat != case["remat"] for x in blocks):
     sys.exit(f"remat {case['remat']} did not reach every block")
@@ -223,11 +232,12 @@ def measure(case: dict, full_compile: bool, timeout: int) -> dict | None:
   with tempfile.TemporaryDirectory() as dump_dir:
     env = dict(os.environ, XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_dump_to={dump_dir} "
                "--xla_dump_hlo_pass_re=NONE --xla_dump_hlo_module_re=jit_train_step")
-    cmd = [sys.executable, os.path.abspath(__file__), "--case", json.dumps(case),
+    cmd = [sys.executable, "-m", "benchmarks.memory", "--case", json.dumps(case),
            "--dump_dir", dump_dir] + (["--full_compile"] if full_compile else [])
     t0 = time.perf_counter()
     try:
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+      proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
     except subprocess.TimeoutExpired:
       print(f"  {case}: no result within {timeout} s", flush=True)
       return None
@@ -319,9 +329,9 @@ def render(rows, argv, groups: int, minutes: float, load: float):
   import jax  # pylint: disable=g-import-not-at-top
   mesh = lambda s: "x".join(map(str, STRATEGIES[s]))
   # Bookkeeping flags are not part of the command that reproduces the table.
-  argv = " ".join(argv).replace("--no_write", "")
-  argv = re.sub(r"--save[= ]\S+", "", argv).split()
-  lines = [f"`{' '.join(['python'] + argv)}`", "",
+  flags = " ".join(argv[1:]).replace("--no_write", "")
+  argv = [argv[0]] + re.sub(r"--save[= ]\S+", "", flags).split()
+  lines = [f"`{command(argv)}`", "",
            f"{DEVICES} virtual CPU devices (jax {jax.__version__}), float32 compute and state, "
            f"Adam (two moments); {len(rows)} cases in {minutes:.0f} min on {os.cpu_count()} CPUs "
            f"(load average before: {'not recorded' if load is None else f'{load:.1f}'}). "

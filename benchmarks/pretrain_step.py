@@ -1,6 +1,6 @@
 """Pretraining step cost: throughput, XLA-counted FLOPs and compiled memory, masked vs unmasked.
 
-  python benchmarks/pretrain_step.py [--steps 3] [--base_batch 5] [--quick]
+  python -m benchmarks.pretrain_step [--steps 3] [--base_batch 5] [--quick]
 
 Rows: the tiny demo config (configs/demo.py) and Base (configs/base.py: B/16, 224 px, 1024
 audio frames), each with multi-ratio masking (the config's ratio set) and without masking
@@ -20,15 +20,14 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from avsiam_jax import masking, sharding, train  # noqa: E402
-from benchmarks.report import write_section  # noqa: E402
-from configs import base, demo  # noqa: E402
+from avsiam_jax import masking, pretraining, sharding, train
+from avsiam_jax import state as state_lib
+from avsiam_jax.config import parse
+from benchmarks.report import command, write_section
+from configs import base, demo
 
 TARGET = 0.65
 MiB = 2 ** 20
@@ -41,7 +40,6 @@ def make_config(name: str, batch: int | None, ratios: tuple[float, ...] | None):
   if ratios:
     config.pretrain.mask_ratios = ratios
   config.total_steps = 1000
-  train.check_config(config, jax.device_count())
   return config
 
 
@@ -60,17 +58,17 @@ def random_batch(config, sharded):
   return {k: jax.device_put(v.astype(np.float32), sharded) for k, v in batch.items()}
 
 
-def encoder_flops(config, fns, batch, key) -> float:
+def encoder_flops(spec, fns, batch, key) -> float:
   """Forward FLOPs of the contrastive pass's encoder calls, audio and video, for the batch."""
-  ratios = tuple(config.pretrain.mask_ratios)
+  ratios, shards = spec.pretrain.mask_ratios, spec.pretrain.batch_shards
 
   def encode(params, batch, key):
     model = nnx.merge(fns.graphdef, params)
     if ratios == (0.0,):
       return model.features(batch["audio"], "a"), model.features(batch["video"], "v")
     k_a, k_v = jax.random.split(key)
-    return (model.multi_ratio_features(batch["audio"], "a", k_a, ratios, fns.batch_shards),
-            model.multi_ratio_features(batch["video"], "v", k_v, ratios, fns.batch_shards))
+    return (pretraining.multi_ratio_features(model, batch["audio"], "a", k_a, ratios, shards),
+            pretraining.multi_ratio_features(model, batch["video"], "v", k_v, ratios, shards))
 
   abstract_params = fns.abstract_state["params"]
   return flops(jax.jit(encode).lower(abstract_params, batch, key).compile())
@@ -78,7 +76,8 @@ def encoder_flops(config, fns, batch, key) -> float:
 
 def expected_ratios(config) -> tuple[float, float]:
   """Masked / unmasked encoder work from kept token counts: per-token (linear) and attention."""
-  enc, ratios = train.model_spec(config).encoder, tuple(config.pretrain.mask_ratios)
+  spec = parse(config, jax.device_count())
+  enc, ratios = spec.model.encoder, spec.pretrain.mask_ratios
   ns = (enc.num_audio_tokens, enc.num_video_tokens)
   kept = [[masking.kept_count(n, r) for r in ratios] for n in ns]
   linear = sum(map(sum, kept)) / (len(ratios) * sum(ns))
@@ -88,8 +87,9 @@ def expected_ratios(config) -> tuple[float, float]:
 
 def measure(name: str, ratios, batch: int | None, steps: int) -> dict:
   config = make_config(name, batch, ratios)
-  mesh = sharding.make_mesh(config.mesh)
-  fns = train.make_train_fns(config, mesh, steps_per_epoch=100)
+  spec = parse(config, jax.device_count())
+  mesh = sharding.make_mesh(spec.mesh)
+  fns = state_lib.make_train_fns(train.make_task(spec, "pretrain"), mesh, steps_per_epoch=100)
   b = config.batch_size
   data = random_batch(config, sharding.batch_sharding(mesh))
   key = jax.random.key(0)
@@ -97,7 +97,7 @@ def measure(name: str, ratios, batch: int | None, steps: int) -> dict:
   mem = compiled.memory_analysis()
   row = {"config": name, "ratios": tuple(config.pretrain.mask_ratios), "batch": b,
          "step_flops": flops(compiled) / b,
-         "encoder_flops": encoder_flops(config, fns, data, key) / b,
+         "encoder_flops": encoder_flops(spec, fns, data, key) / b,
          "temp_mib": mem.temp_size_in_bytes / MiB if mem else float("nan"),
          "arg_mib": mem.argument_size_in_bytes / MiB if mem else float("nan"),
          "out_mib": mem.output_size_in_bytes / MiB if mem else float("nan")}
@@ -131,7 +131,7 @@ def main():
           for name, batch in runs for ratios in (None, (0.0,))]
 
   dev = jax.devices()[0]
-  lines = [f"`{' '.join(['python'] + sys.argv)}`", "",
+  lines = [f"`{command()}`", "",
            f"Device: {dev.device_kind} ({dev.platform}) x {jax.device_count()}, "
            f"{os.cpu_count()} CPUs, jax {jax.__version__}; float32. samples/s: one warm-up step, "
            f"then the fastest of {args.steps} timed steps on one random batch (noisy on a shared "

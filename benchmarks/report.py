@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = ("# Benchmarks\n\nWritten by the scripts in `benchmarks/`; each section is replaced "
           "when its script is rerun.\n")
+
+
+def command(argv: list[str] | None = None) -> str:
+  """The command that ran this benchmark, `python -m benchmarks.NAME ARGS` (argv: sys.argv)."""
+  argv = sys.argv if argv is None else argv
+  name = os.path.splitext(os.path.basename(argv[0]))[0]
+  return " ".join(["python", "-m", f"benchmarks.{name}"] + list(argv[1:]))
 
 
 def write_section(title: str, markdown: str, path: str = "docs/benchmarks.md") -> str:

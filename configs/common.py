@@ -6,7 +6,8 @@ custom) and fills the finetuning schedule of the paper's Tables 9-11.
 """
 import ml_collections
 
-MODES = ("pretrain", "finetune", "eval", "pretrain+finetune")
+from avsiam_jax.config import MODES
+
 DATASETS = ("as20k", "as2m", "vggsound", "custom")
 
 # Paper Tables 9-11, finetuning: (lr, head multiplier, decay start epoch, decay rate,

@@ -25,8 +25,9 @@ Inputs
     vocabulary is the sorted set of label strings of the CSV (names = ids = the strings); when
     the dataset already has a split, an existing vocabulary that contains them all is reused.
 
-Per clip: 10 frames (JPEG, short side resized to 224 then centre crop), the kaldi fbank of the
-first 10 s of 16 kHz mono audio as float16 (T <= max_frames, 128), unpadded, and int32 labels.
+Per clip (avsiam_jax/data/examples.py, the record layout of avsiam_jax/data/records.py): 10
+frames (JPEG, short side resized to 224 then centre crop), the kaldi fbank of the first 10 s of
+16 kHz mono audio as float16 (T <= max_frames, 128), unpadded, and int32 labels.
 
 Output in DATASET_DIR: <split>-iiiii-of-nnnnn.array_record shards; dataset_info.json with
 label_names, label_ids, fbank and frames settings, and per split num_examples, shards,
@@ -82,16 +83,10 @@ if __name__ == "__main__":
   for _k in _BLAS_THREAD_VARS:
     os.environ.setdefault(_k, "1")
 
-import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
-from PIL import Image
+# The record format and how one clip becomes a record live in the package; this script plans,
+# runs and reports the build.
+from avsiam_jax.data import examples, media, records  # pylint: disable=wrong-import-position
 
-from avsiam_jax.data import media, records
-
-NUM_FRAMES = 10
-IMAGE_SIZE = 224
-SAMPLE_RATE = 16000
-NUM_MEL_BINS = 128
-MAX_SECONDS = 10.0
 CLIPS_PER_SHARD = 1000  # default shard size
 REPORT_FILE = "report.json"
 STATE_DIR = ".build"
@@ -291,66 +286,14 @@ def _read_folder(folder, labels_csv, existing_vocab):
 # ---------------------------------------------------------------- one clip (worker side)
 
 
-def _square_jpeg(path):
-  """A frame-folder JPEG -> (224, 224, 3), the same resize/crop rule as media.py."""
-  try:
-    with Image.open(path) as img:
-      img = img.convert("RGB")
-  except OSError as e:
-    raise media.ClipError(path, "unreadable", f"bad image: {e}") from None
-  w, h = img.size
-  scale = IMAGE_SIZE / min(w, h)
-  nw, nh = max(IMAGE_SIZE, round(w * scale)), max(IMAGE_SIZE, round(h * scale))
-  img = img.resize((nw, nh), Image.BILINEAR)
-  left, top = (nw - IMAGE_SIZE) // 2, (nh - IMAGE_SIZE) // 2
-  return np.asarray(img.crop((left, top, left + IMAGE_SIZE, top + IMAGE_SIZE)), np.uint8)
-
-
-def _frame_paths(entry):
-  return [os.path.join(entry.video, f"frame_{i}", f"{entry.id}.jpg") for i in range(NUM_FRAMES)]
-
-
-def _decode_entry(entry):
-  """(frames uint8 (10,224,224,3), waveform) or ClipError."""
-  # Existence first: report a missing file without paying for any decoding.
-  needed = _frame_paths(entry) if entry.frame_dir else [entry.video]
-  if entry.audio is not None:
-    needed.append(entry.audio)
-  for p in needed:
-    if not os.path.isfile(p):
-      raise media.ClipError(p, "missing_file", "no such file")
-  kw = dict(max_seconds=MAX_SECONDS)
-  if entry.frame_dir:
-    if entry.audio is None:
-      raise media.ClipError(entry.video, "no_audio", "frame folder given without a 'wav' file")
-    frames = np.stack([_square_jpeg(p) for p in needed[:NUM_FRAMES]])
-    wave = media.decode_audio(entry.audio, sample_rate=SAMPLE_RATE, **kw)
-  elif entry.audio is None:
-    clip = media.decode_clip(entry.video, num_frames=NUM_FRAMES, image_size=IMAGE_SIZE,
-                             sample_rate=SAMPLE_RATE, **kw)
-    frames, wave = clip.frames, clip.waveform
-  else:
-    frames = media.decode_frames(entry.video, num_frames=NUM_FRAMES, image_size=IMAGE_SIZE, **kw)
-    wave = media.decode_audio(entry.audio, sample_rate=SAMPLE_RATE, **kw)
-  return frames, wave
-
-
 def process_clip(entry: Entry, max_frames: int):
   """One clip -> ('ok', example) | ('skip', report row) | ('error', message)."""
   if entry.skip is not None:
     return "skip", entry.skip
   try:
-    # Imported here, not at the top: the parent process need not load it.
-    from avsiam_jax.data.fbank import fbank
-    frames, wave = _decode_entry(entry)
-    feats = fbank(wave, sample_rate=SAMPLE_RATE)[:max_frames].astype(np.float16)
-    example = {
-        "id": entry.id,
-        "frames": [media.encode_jpeg(f) for f in frames],
-        "fbank": feats,
-        "labels": np.asarray(entry.labels, np.int32),
-    }
-    return "ok", example
+    return "ok", examples.make_example(entry.id, entry.video, entry.audio,
+                                       frame_dir=entry.frame_dir, labels=entry.labels,
+                                       max_frames=max_frames)
   except media.ClipError as e:
     return "skip", _skip(entry.id, e.path, e.reason, e.detail or str(e))
   except Exception:  # a bug or an unforeseen failure: stop the build, naming the clip
@@ -398,14 +341,6 @@ def _lock(out):
 
 def _shard_ranges(n, num_shards):
   return [(i * n // num_shards, (i + 1) * n // num_shards) for i in range(num_shards)]
-
-
-def _settings(max_frames):
-  return {
-      "fbank": {"sample_rate": SAMPLE_RATE, "num_mel_bins": NUM_MEL_BINS,
-                "max_frames": max_frames, "max_seconds": MAX_SECONDS, "dtype": "float16"},
-      "frames": {"num": NUM_FRAMES, "size": IMAGE_SIZE, "format": "jpeg"},
-  }
 
 
 def _existing_info(out):
@@ -497,7 +432,7 @@ def finalize(out, split="train", verbose=True):
     _check_compatible(out, plan["label_ids"], plan["label_names"], plan["max_frames"])
     info = _existing_info(out) or dict(label_names=plan["label_names"],
                                        label_ids=plan["label_ids"], splits={})
-    info.update(_settings(plan["max_frames"]))
+    info.update(records.format_info(plan["max_frames"]))
     # example_labels (record order): class-balanced sampling without reading every record.
     info["splits"][split] = {"num_examples": report["num_examples"], "shards": plan["shards"],
                              "num_skipped": report["num_skipped"],
@@ -605,8 +540,8 @@ def load_input(input, labels=None, existing_vocab=None):
   return _read_cavmae_json(input, labels)
 
 
-def build(input, out, labels=None, split="train", num_shards=None, workers=1,
-          process_index=0, process_count=1, max_frames=1024, verbose=True) -> dict:
+def build(input, out, labels=None, split="train", num_shards=None, workers=1, process_index=0,
+          process_count=1, max_frames=records.MAX_FBANK_FRAMES, verbose=True) -> dict:
   """Builds this process's shards of `split`; finalizes the split if it is then complete.
 
   Returns the split's report: {num_examples, num_skipped, skipped_by_reason, skipped:
@@ -713,7 +648,8 @@ def main(argv=None):
   parser.add_argument("--workers", type=int, default=1, help="decoding processes")
   parser.add_argument("--process_index", type=int, default=0)
   parser.add_argument("--process_count", type=int, default=1)
-  parser.add_argument("--max_frames", type=int, default=1024, help="fbank frames kept per clip")
+  parser.add_argument("--max_frames", type=int, default=records.MAX_FBANK_FRAMES,
+                      help="fbank frames kept per clip")
   parser.add_argument("--finalize", action="store_true",
                       help="only write dataset_info.json/report.json of a split whose shards "
                       "all exist")

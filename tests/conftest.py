@@ -7,7 +7,6 @@ steps also lower the backend optimization level for those programs (test_shardin
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 
 import pytest
@@ -21,7 +20,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # pytest-xdist workers inheri
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="avsiam_tests_xla_cache_")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -39,3 +37,16 @@ def demo_dataset(tmp_path_factory):
   """One small demo dataset (40 train and 10 eval clips of 4 classes) for every test that trains."""
   from avsiam_jax.data import demo  # pylint: disable=import-outside-toplevel
   return demo.ensure_demo_dataset(str(tmp_path_factory.mktemp("demo") / "ds"), 40, 10, seed=0)
+
+
+def build(config, num_devices: int = 1, *, num_classes: int = 0, steps_per_epoch: int = 10):
+  """(spec, mesh, task, TrainFns) of a ConfigDict on the first `num_devices` devices, built as
+  the trainer builds them (the stage is config.mode's: finetune, or else pretrain)."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from avsiam_jax import config as config_lib
+  from avsiam_jax import sharding, state, train
+  spec = config_lib.parse(config, num_devices)
+  mesh = sharding.make_mesh(spec.mesh, jax.devices()[:num_devices])
+  task = train.make_task(spec, "finetune" if spec.mode == "finetune" else "pretrain", num_classes)
+  return spec, mesh, task, state.make_train_fns(task, mesh, steps_per_epoch)

@@ -1,18 +1,17 @@
 """One process of the two-process CPU test (tests/test_multihost.py); not a test itself.
 
-  python tests/multihost_worker.py --coordinator_address=127.0.0.1:PORT --num_processes=2 \
+  python -m tests.multihost_worker --coordinator_address=127.0.0.1:PORT --num_processes=2 \
       --process_id=I --workdir=W --data_dir=D [--local_devices=2] [--steps=3]
 
+Run from the repository root: the worker imports avsiam_jax and tests.test_train from there.
+
 Starts JAX's distributed runtime through avsiam_jax.distributed.initialize (as main.py does),
-runs train.train_and_evaluate on the test config and prints one JSON line
+runs train.run on the test config and prints one JSON line
 {"process_index", "process_count", "local_devices", "global_devices", "results"}.
 """
 import argparse
 import json
 import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def worker_config(data_dir: str, steps: int, num_devices: int):
@@ -47,7 +46,6 @@ def main():
                              "--xla_backend_optimization_level=0 "
                              "--xla_llvm_disable_expensive_passes=true")
   os.environ["JAX_PLATFORMS"] = "cpu"
-  sys.path.insert(0, ROOT)
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   # Cross-process collectives on CPU (already the default in this JAX version).
@@ -60,7 +58,7 @@ def main():
   assert not distributed.initialize(args.coordinator_address, args.num_processes,
                                     args.process_id)  # idempotent
   config = worker_config(args.data_dir, args.steps, jax.device_count())
-  results = train.train_and_evaluate(config, args.workdir)
+  results = train.run(config, args.workdir)
   print(json.dumps({"process_index": jax.process_index(), "process_count": jax.process_count(),
                     "local_devices": jax.local_device_count(),
                     "global_devices": jax.device_count(), "results": results}), flush=True)

@@ -4,15 +4,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from avsiam_jax import masking, pretraining, sharding, train
+import dataclasses
+
+from avsiam_jax import masking, pretraining, sharding
+from avsiam_jax.config import ConfigError, parse
+from conftest import build
 from test_sharding import compile_fast
 from test_train import fixed_batch, tiny_config
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _params_and_graphdef(config, mesh):
-  fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
+def _params_and_graphdef(config):
+  _, _, _, fns = build(config)
   return fns.init(jax.random.key(0))["params"], fns.graphdef
 
 
@@ -22,7 +26,8 @@ def _losses_and_grads(config, params, graphdef, batch, batch_shards, which="tota
     fn = jax.value_and_grad(pretraining.pretrain_losses, has_aux=True)
   else:
     fn = pretraining.accumulated_losses_and_grads
-  run = jax.jit(lambda p, b: fn(p, graphdef, b, jax.random.key(1), config, batch_shards, which))
+  spec = dataclasses.replace(parse(config, 1).pretrain, batch_shards=batch_shards)
+  run = jax.jit(lambda p, b: fn(p, graphdef, b, jax.random.key(1), spec, which))
   return jax.device_get(compile_fast(run, params, batch)(params, batch))
 
 
@@ -45,8 +50,7 @@ def test_micro_rows_partition_every_shard_and_group():
 
 def test_micro_batches_match_the_full_batch():
   config = tiny_config(batch=40)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  params, graphdef = _params_and_graphdef(config, mesh)
+  params, graphdef = _params_and_graphdef(config)
   batch = fixed_batch(40)
   (loss1, parts1), grads1 = _losses_and_grads(config, params, graphdef, batch, 1)
   assert sum(float(np.abs(g).sum()) for g in jax.tree.leaves(grads1["encoder"])) > 0
@@ -86,14 +90,12 @@ def test_sharded_train_step_matches_the_full_batch():
   config = tiny_config(batch=40)
   config.pretrain.separate_optimizers = True
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 2
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:4])
-  batch = sharding.global_batch(fixed_batch(40), mesh)
   results = {}
   for accum in (1, 4):
     config.accum_steps = accum
-    pretraining.check_accumulation(config, 2)
-    fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
-    assert fns.batch_shards == 2
+    spec, mesh, _, fns = build(config, 4)
+    assert spec.pretrain.batch_shards == 2
+    batch = sharding.global_batch(fixed_batch(40), mesh)
     state = fns.init(jax.random.key(0))
     old = jax.device_get(state["params"])
     new, metrics = compile_fast(fns.step, state, batch, jax.random.key(1))(
@@ -110,15 +112,15 @@ def test_sharded_train_step_matches_the_full_batch():
 
 def test_compiled_size_does_not_grow_with_accum_steps():
   config = tiny_config(batch=40)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
+  spec, _, _, fns = build(config)
   params = jax.eval_shape(fns.init, jax.random.key(0))["params"]
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), fixed_batch(40))
   sizes = []
   for accum in (2, 4):
     config.accum_steps = accum
+    p_spec = dataclasses.replace(spec.pretrain, accum_steps=accum)
     jaxpr = jax.make_jaxpr(lambda p, b: pretraining.accumulated_losses_and_grads(
-        p, fns.graphdef, b, jax.random.key(1), config, 1, "total"))(params, batch)
+        p, fns.graphdef, b, jax.random.key(1), p_spec, "total"))(params, batch)
     sizes.append(len(jaxpr.jaxpr.eqns))
     assert "scan" in {e.primitive.name for e in jaxpr.jaxpr.eqns}
   assert sizes[0] == sizes[1]
@@ -127,9 +129,9 @@ def test_compiled_size_does_not_grow_with_accum_steps():
 def test_check_accumulation():
   config = tiny_config(batch=40)  # 5 ratio groups
   for accum, shards in ((1, 8), (2, 1), (4, 1), (8, 1), (4, 2), (2, 4)):
-    config.accum_steps = accum
-    pretraining.check_accumulation(config, shards)
+    config.accum_steps, config.mesh.batch_shards = accum, shards
+    assert parse(config, 8).pretrain.accum_steps == accum
   for accum, shards in ((3, 1), (4, 4), (16, 1), (0, 1), (-2, 1), (2, 8)):
-    config.accum_steps = accum
-    with pytest.raises(ValueError, match=r"config\.accum_steps"):
-      pretraining.check_accumulation(config, shards)
+    config.accum_steps, config.mesh.batch_shards = accum, shards
+    with pytest.raises(ConfigError, match=r"config\.accum_steps"):
+      parse(config, 8)

@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from avsiam_jax import checkpoint, sharding, train
+from avsiam_jax import checkpoint, sharding, trees
+from conftest import build
 from tests.test_sharding import compile_fast
 from tests.test_train import fixed_batch, tiny_config
 
@@ -20,9 +21,8 @@ def mesh_config(shape, **model):
 
 
 def setup(shape, **model):
-  config = mesh_config(shape, **model)
-  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:int(np.prod(shape))])
-  return mesh, train.make_train_fns(config, mesh, steps_per_epoch=10)
+  _, mesh, _, fns = build(mesh_config(shape, **model), int(np.prod(shape)))
+  return mesh, fns
 
 
 def place(host_tree, abstract):
@@ -134,5 +134,5 @@ def test_dtype_mismatch_is_refused():
   wanted = {"params": {"w": jax.ShapeDtypeStruct((2, 3), np.dtype("bfloat16"))}}
   with pytest.raises(ValueError, match="params/w has dtype float32 in the checkpoint but "
                                        "bfloat16 in the model"):
-    checkpoint.check_compatible(stored, wanted, "/some/dir/7")
-  checkpoint.check_compatible(stored, stored, "/some/dir/7")  # equal trees pass
+    trees.check_compatible(stored, wanted, "/some/dir/7")
+  trees.check_compatible(stored, stored, "/some/dir/7")  # equal trees pass

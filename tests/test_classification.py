@@ -1,4 +1,5 @@
 import math
+import statistics
 import warnings
 
 import jax.numpy as jnp
@@ -59,12 +60,21 @@ def test_float32_ties_and_single_column():
 
 
 def test_d_prime():
-  from scipy.stats import norm
-  for auc in (0.5, 0.75, 0.9, 0.99):
-    assert math.isclose(cls.d_prime(auc), math.sqrt(2) * norm.ppf(auc), rel_tol=1e-9, abs_tol=1e-12)
-  p = np.array([1e-6, 0.01, 0.02425, 0.3, 0.5, 0.8, 0.99, 1 - 1e-6])
-  np.testing.assert_allclose(cls._ppf_acklam(p), norm.ppf(p), rtol=1e-8)
+  # Independent reference: the standard library's float64 normal quantile.
+  aucs = (1e-6, 0.01, 0.02425, 0.3, 0.5, 0.6, 0.75, 0.9, 0.97, 0.99, 1 - 1e-6)
+  for auc in aucs:
+    ref = math.sqrt(2) * statistics.NormalDist().inv_cdf(auc)
+    assert math.isclose(cls.d_prime(auc), ref, rel_tol=1e-9, abs_tol=1e-12), auc
+    assert isinstance(cls.d_prime(auc), float)
+  out = cls.d_prime(np.array(aucs))
+  assert out.shape == (len(aucs),)
+  np.testing.assert_allclose(
+      out, [math.sqrt(2) * statistics.NormalDist().inv_cdf(a) for a in aucs], rtol=1e-9)
   assert cls.d_prime(0.5) == 0.0
+  assert cls.d_prime(1.0) == math.inf and cls.d_prime(0.0) == -math.inf
+  assert math.isnan(cls.d_prime(1.5))
+  # A value worked out by hand: sqrt(2) * 1.28155 for AUC 0.9.
+  assert round(cls.d_prime(0.9), 3) == 1.812
 
 
 def test_top1_and_metrics_dict():

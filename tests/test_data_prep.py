@@ -11,7 +11,7 @@ import pytest
 from array_record.python import array_record_module
 from PIL import Image
 
-from avsiam_jax.data import media, records
+from avsiam_jax.data import examples, media, records
 from avsiam_jax.data.fbank import fbank
 from conftest import data_file
 from data_prep import build as B
@@ -405,10 +405,10 @@ def test_cli_help_documents_the_folder_csv():
 def test_unexpected_error_stops_the_build_naming_the_clip(demo, tmp_path, monkeypatch):
   json_path, csv_path = demo
 
-  def boom(entry):
+  def boom(*args, **kwargs):
     raise ZeroDivisionError("bug")
 
-  monkeypatch.setattr(B, "_decode_entry", boom)
+  monkeypatch.setattr(examples, "decode_media", boom)
   with pytest.raises(RuntimeError, match="(?s)clip 'demo_00000'.*ZeroDivisionError"):
     B.build(json_path, str(tmp_path / "ds"), labels=csv_path, verbose=False)
   assert not os.path.exists(tmp_path / "ds" / records.INFO_FILE)

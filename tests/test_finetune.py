@@ -10,6 +10,8 @@ import pytest
 from flax import nnx
 
 from avsiam_jax import finetuning, sharding, train
+from avsiam_jax.config import ConfigError, parse
+from conftest import build
 from avsiam_jax.evaluators import classification
 from configs import common
 from tests.test_train import tiny_config
@@ -39,22 +41,8 @@ def pretrained(tmp_path_factory, dataset):
   pre = tiny_config()
   pre.data.demo, pre.data.dir, pre.total_steps = False, dataset, 2
   pre_dir = str(tmp_path_factory.mktemp("pre"))
-  train.train_and_evaluate(pre, pre_dir)
+  train.run(pre, pre_dir)
   return pre_dir
-
-
-def test_losses_match_float64_numpy():
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(6, 5)).astype(np.float32)
-  labels = rng.uniform(size=(6, 5)).astype(np.float32)
-  x, y = logits.astype(np.float64), labels.astype(np.float64)
-  bce = np.mean(-(y * np.log(1 / (1 + np.exp(-x))) + (1 - y) * np.log(1 - 1 / (1 + np.exp(-x)))))
-  np.testing.assert_allclose(finetuning.classification_loss(logits, labels, "bce"), bce, rtol=1e-5)
-  logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-  np.testing.assert_allclose(finetuning.classification_loss(logits, labels, "ce"),
-                             np.mean(-(y * logp).sum(axis=1)), rtol=1e-5)
-  with pytest.raises(ValueError, match="finetune.loss"):
-    finetuning.classification_loss(logits, labels, "mse")
 
 
 def test_modality_draw_frequencies():
@@ -71,8 +59,7 @@ def test_first_adam_step_scales_with_lr_multipliers(dataset):
   # Adam's first update is lr * g / (|g| + eps) = lr * sign(g): its size shows each group's lr.
   config = finetune_config(dataset, lr=1e-3, head_lr_mult=100.0, mm_lr_mult=3.0)
   config.optim.weight_decay = 0.0
-  mesh = sharding.make_mesh(config.mesh)
-  fns = train.make_train_fns(config, mesh, steps_per_epoch=10, num_classes=4)
+  _, mesh, _, fns = build(config, 8, num_classes=4)
   state = fns.init(jax.random.key(0))
   before = jax.device_get(state["params"])
   rng = np.random.default_rng(0)
@@ -95,7 +82,7 @@ def test_first_adam_step_scales_with_lr_multipliers(dataset):
 
 def test_clip_outputs_match_per_frame_calls_and_ignore_frame_order(dataset):
   config = finetune_config(dataset, loss="bce")
-  model = train.build_model(config, 5, nnx.Rngs(params=0))
+  model = finetuning.FinetuneTask(parse(config, 8), 5).model(nnx.Rngs(params=0))
   rng = np.random.default_rng(1)
   audio = jnp.asarray(rng.normal(size=(2, 32, 128)), jnp.float32)
   frames = jnp.asarray(rng.normal(size=(2, 3, 32, 32, 3)), jnp.float32)
@@ -144,10 +131,9 @@ def test_pretrain_finetune_eval(tmp_path, dataset, pretrained):
 
 def test_finetune_starts_from_the_pretrained_encoder(dataset, pretrained):
   config = finetune_config(dataset, init_checkpoint=pretrained)
-  mesh = sharding.make_mesh(config.mesh)
-  fns = train.make_train_fns(config, mesh, 10, num_classes=4)
-  state = train.load_init_weights(config, fns.init(jax.random.key(0)), fns, jax.random.key(0))
-  source = train.pretrained_avsiam_params(config, jax.random.key(0))
+  spec, _, task, fns = build(config, 8, num_classes=4)
+  state = train.fresh_state(task, fns, jax.random.key(0))
+  source = finetuning.pretrained_avsiam_params(spec, jax.random.key(0))
   got = jax.device_get(state["params"])
   for group in ("encoder", "mm_blocks"):
     for a, b in zip(jax.tree.leaves(got[group]), jax.tree.leaves(source[group])):
@@ -178,10 +164,10 @@ def test_bad_finetune_configs_fail_before_compute(tmp_path, dataset):
                             ("batch_size", 12, "finetune.batch_size"),
                             ("init_checkpoint", str(tmp_path / "nope"), "init_checkpoint")):
     config = finetune_config(dataset, **{key: value})
-    with pytest.raises(train.ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match):
       train.run(config, str(tmp_path / "w"))
   config = finetune_config(dataset)
   config.mode = "eval"
-  with pytest.raises(train.ConfigError, match="config.json"):
+  with pytest.raises(ConfigError, match="config.json"):
     train.run(config, str(tmp_path / "empty"))
   assert not os.path.exists(tmp_path / "w")

@@ -12,8 +12,9 @@ import optax
 import pytest
 from flax import nnx
 
-from avsiam_jax import checkpoint, embed, inference, predict, train
-from avsiam_jax.data import media, pipeline
+from avsiam_jax import checkpoint, embed, inference, predict
+from avsiam_jax.config import model_spec
+from avsiam_jax.data import clips, media, pipeline
 from avsiam_jax.models.avsiam import AVSiam
 from avsiam_jax.models.classifier import AVSiamClassifier, ClassifierSpec
 from configs import demo
@@ -76,7 +77,7 @@ def _write_run(workdir, config, make_model, steps, labels=None):
 
 
 def _classifier_maker(config):
-  spec = ClassifierSpec(encoder=train.model_spec(config).encoder, num_classes=len(LABELS),
+  spec = ClassifierSpec(encoder=model_spec(config.model).encoder, num_classes=len(LABELS),
                         mm_depth=config.model.mm_depth)
   return lambda: AVSiamClassifier(spec, rngs=nnx.Rngs(0))
 
@@ -91,7 +92,7 @@ def runs(tmp_path_factory):
       "ce": (str(root / "ce"), _write_run(str(root / "ce"), ce, _classifier_maker(ce), [1],
                                           LABELS)),
       "pre": (str(root / "pre"), _write_run(
-          str(root / "pre"), pre, lambda: AVSiam(train.model_spec(pre), rngs=nnx.Rngs(0)), [2])),
+          str(root / "pre"), pre, lambda: AVSiam(model_spec(pre.model), rngs=nnx.Rngs(0)), [2])),
   }
 
 
@@ -141,7 +142,7 @@ _pooled = nnx.jit(lambda enc, x, modality: enc(x, modality).mean(axis=1), static
 
 
 def _prep(path):
-  return inference.prepare_clip(path, audio_frames=FRAMES, image_size=SIZE)
+  return clips.prepare_clip(path, audio_frames=FRAMES, image_size=SIZE)
 
 
 # ----- clip preparation ---------------------------------------------------------------------
@@ -203,7 +204,7 @@ def test_workdir_and_step_dir(runs, predictor):
 @pytest.mark.parametrize("where", ["nope", "checkpoints", "checkpoints/4"])
 def test_bad_checkpoint_path(runs, where):
   path = os.path.join(runs["bce"][0], where)
-  with pytest.raises(inference.CheckpointError) as e:
+  with pytest.raises(checkpoint.CheckpointError) as e:
     inference.Predictor.load(path)
   assert path in str(e.value)
 
@@ -213,13 +214,13 @@ def test_params_not_matching_config(runs, tmp_path):
   shutil.copytree(runs["bce"][0], workdir)
   with open(os.path.join(workdir, "label_names.json"), "w") as f:
     json.dump(LABELS + ["fish"], f)  # 4 classes, heads saved with 3
-  with pytest.raises(inference.CheckpointError, match="do not match") as e:
+  with pytest.raises(checkpoint.CheckpointError, match="do not match") as e:
     inference.Predictor.load(workdir)
   assert os.path.join(workdir, "checkpoints", "5") in str(e.value)
 
 
 def test_pretrain_refused(runs):
-  with pytest.raises(inference.CheckpointError, match="pretraining run.*embed"):
+  with pytest.raises(checkpoint.CheckpointError, match="pretraining run.*embed"):
     inference.Predictor.load(runs["pre"][0])
 
 

@@ -1,6 +1,7 @@
 """Losses against float64 numpy re-computations."""
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from avsiam_jax import losses
 
@@ -41,3 +42,17 @@ def test_masked_mse_only_counts_masked_patches():
   want = (((pred - target) ** 2).mean(-1) * mask).sum() / mask.sum()
   got = losses.masked_mse(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_classification_losses_match_float64_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 5)).astype(np.float32)
+  labels = rng.uniform(size=(6, 5)).astype(np.float32)
+  x, y = logits.astype(np.float64), labels.astype(np.float64)
+  bce = np.mean(-(y * np.log(1 / (1 + np.exp(-x))) + (1 - y) * np.log(1 - 1 / (1 + np.exp(-x)))))
+  np.testing.assert_allclose(losses.classification_loss(logits, labels, "bce"), bce, rtol=1e-5)
+  logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+  np.testing.assert_allclose(losses.classification_loss(logits, labels, "ce"),
+                             np.mean(-(y * logp).sum(axis=1)), rtol=1e-5)
+  with pytest.raises(ValueError, match="classification loss"):
+    losses.classification_loss(logits, labels, "mse")

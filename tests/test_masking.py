@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from avsiam_jax import masking
+from avsiam_jax import masking, pretraining
 from avsiam_jax.models import vit
 from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
 
@@ -45,9 +45,10 @@ def test_fresh_permutation_each_key():
   assert not np.array_equal(a, b)
 
 
-def test_random_keep_distinct_and_restorable():
+def test_keep_by_noise_distinct_and_restorable():
   x = jnp.arange(6 * 50, dtype=jnp.float32).reshape(6, 50, 1)
-  kept, ids_keep, ids_restore = masking.random_keep(jax.random.key(0), x, 20)
+  noise = masking.mask_noise(jax.random.key(0), 6, 50)
+  kept, ids_keep, ids_restore = masking.keep_by_noise(noise, x, 20)
   assert kept.shape == (6, 20, 1)
   for row in np.asarray(ids_keep):
     assert len(set(row.tolist())) == 20
@@ -74,7 +75,7 @@ def test_multi_ratio_features_restore_order():
   model = AVSiam(spec, rngs=nnx.Rngs(0))
   video = jax.random.normal(jax.random.key(2), (10, 32, 32, 3))
   key = jax.random.key(3)
-  out = np.asarray(model.multi_ratio_features(video, "v", key, RATIOS, 2))
+  out = np.asarray(pretraining.multi_ratio_features(model, video, "v", key, RATIOS, 2))
 
   # Recompute by hand, example by example, from the same random draws.
   enc = model.encoder
@@ -85,7 +86,8 @@ def test_multi_ratio_features_restore_order():
     group = masking.take_group(tokens, jnp.asarray(perm), k)
     keep = masking.kept_count(4, ratio)
     if keep < 4:
-      group, _, _ = masking.random_keep(jax.random.fold_in(key_mask, k), group, keep)
+      noise = masking.mask_noise(jax.random.fold_in(key_mask, k), group.shape[0], 4)
+      group, _, _ = masking.keep_by_noise(noise, group, keep)
     for j, (s, i) in enumerate((s, i) for s in range(2) for i in perm[s, k]):
       ref = enc.encode_tokens(group[j:j + 1], "v").mean(axis=1)[0]
       np.testing.assert_allclose(out[s * 5 + i], ref, rtol=1e-5, atol=1e-5)

@@ -14,81 +14,81 @@ SAMPLES = os.path.join(os.path.dirname(iscc_samples.__file__), "files", "video")
 
 
 def _has_encoder(name):
-    try:
-        av.Codec(name, "w")
-        return True
-    except Exception:
-        return False
+  try:
+    av.Codec(name, "w")
+    return True
+  except Exception:
+    return False
 
 
 def _digits_frame(i, h=48, w=64):
-    """Uniform frame whose colour encodes index i (two base-16 digits)."""
-    img = np.empty((h, w, 3), np.uint8)
-    img[..., 0] = 8 + 16 * (i // 16)
-    img[..., 1] = 8 + 16 * (i % 16)
-    img[..., 2] = 128
-    return img
+  """Uniform frame whose colour encodes index i (two base-16 digits)."""
+  img = np.empty((h, w, 3), np.uint8)
+  img[..., 0] = 8 + 16 * (i // 16)
+  img[..., 1] = 8 + 16 * (i % 16)
+  img[..., 2] = 128
+  return img
 
 
 def _read_digits(frames):
-    rgb = frames.reshape(len(frames), -1, 3).mean(axis=1)
-    return [int(round((r - 8) / 16)) * 16 + int(round((g - 8) / 16)) for r, g, _ in rgb]
+  rgb = frames.reshape(len(frames), -1, 3).mean(axis=1)
+  return [int(round((r - 8) / 16)) * 16 + int(round((g - 8) / 16)) for r, g, _ in rgb]
 
 
 def _moving_frame(i, h=48, w=64):
-    img = np.zeros((h, w, 3), np.uint8)
-    img[..., 2] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
-    img[:, (5 * i) % w, :] = 255
-    return img
+  img = np.zeros((h, w, 3), np.uint8)
+  img[..., 2] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
+  img[:, (5 * i) % w, :] = 255
+  return img
 
 
 def _sine(freq=440.0, amp=0.3):
-    return lambda t: amp * np.sin(2 * np.pi * freq * t)
+  return lambda t: amp * np.sin(2 * np.pi * freq * t)
 
 
 def write_media(path, *, fmt=None, vcodec="libx264", acodec="aac", seconds=2.0, fps=10,
                 sample_rate=16000, layout="mono", audio_seconds=None, frame_fn=_moving_frame,
                 wave_fn=_sine(), voptions=None, container_options=None, size=(64, 48)):
-    """Writes a small test file; vcodec/acodec None leaves that stream out."""
-    with av.open(str(path), "w", format=fmt, options=container_options or {}) as c:
-        vs = a = None
-        if vcodec:
-            vs = c.add_stream(vcodec, rate=fps)
-            vs.width, vs.height, vs.pix_fmt = size[0], size[1], "yuv420p"
-            if voptions:
-                vs.options = voptions
-        if acodec:
-            a = c.add_stream(acodec, rate=sample_rate, layout=layout)
-        if vs is not None:
-            for i in range(int(round(seconds * fps))):
-                frame = av.VideoFrame.from_ndarray(frame_fn(i, size[1], size[0]), format="rgb24")
-                c.mux(vs.encode(frame))
-            c.mux(vs.encode(None))
-        if a is not None:
-            n = int(round((seconds if audio_seconds is None else audio_seconds) * sample_rate))
-            t = np.arange(n) / sample_rate
-            ch = av.AudioLayout(layout).nb_channels
-            wave = np.broadcast_to(wave_fn(t), (ch, n)).astype(np.float32)
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave), format="fltp", layout=layout)
-            frame.sample_rate, frame.pts = sample_rate, 0
-            c.mux(a.encode(frame))
-            c.mux(a.encode(None))
-    return str(path)
+  """Writes a small test file; vcodec/acodec None leaves that stream out."""
+  with av.open(str(path), "w", format=fmt, options=container_options or {}) as c:
+    vs = a = None
+    if vcodec:
+      vs = c.add_stream(vcodec, rate=fps)
+      vs.width, vs.height, vs.pix_fmt = size[0], size[1], "yuv420p"
+      if voptions:
+        vs.options = voptions
+    if acodec:
+      a = c.add_stream(acodec, rate=sample_rate, layout=layout)
+    if vs is not None:
+      for i in range(int(round(seconds * fps))):
+        frame = av.VideoFrame.from_ndarray(frame_fn(i, size[1], size[0]), format="rgb24")
+        c.mux(vs.encode(frame))
+      c.mux(vs.encode(None))
+    if a is not None:
+      n = int(round((seconds if audio_seconds is None else audio_seconds) * sample_rate))
+      t = np.arange(n) / sample_rate
+      ch = av.AudioLayout(layout).nb_channels
+      wave = np.broadcast_to(wave_fn(t), (ch, n)).astype(np.float32)
+      frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave), format="fltp", layout=layout)
+      frame.sample_rate, frame.pts = sample_rate, 0
+      c.mux(a.encode(frame))
+      c.mux(a.encode(None))
+  return str(path)
 
 
 def _dominant_hz(wave, sr=16000):
-    spec = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
-    return np.fft.rfftfreq(len(wave), 1 / sr)[spec.argmax()]
+  spec = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+  return np.fft.rfftfreq(len(wave), 1 / sr)[spec.argmax()]
 
 
 def _check_clip(clip, num_frames=10, size=224):
-    assert clip.frames.shape == (num_frames, size, size, 3)
-    assert clip.frames.dtype == np.uint8
-    assert clip.waveform.dtype == np.float32 and clip.waveform.ndim == 1
-    assert np.abs(clip.waveform).max() <= 1.0
-    assert np.abs(clip.waveform).max() > 0.01  # not silent
-    assert clip.duration == pytest.approx(len(clip.waveform) / 16000)
-    assert len(np.unique(clip.frames.reshape(num_frames, -1).mean(axis=1).round(2))) > 1
+  assert clip.frames.shape == (num_frames, size, size, 3)
+  assert clip.frames.dtype == np.uint8
+  assert clip.waveform.dtype == np.float32 and clip.waveform.ndim == 1
+  assert np.abs(clip.waveform).max() <= 1.0
+  assert np.abs(clip.waveform).max() > 0.01  # not silent
+  assert clip.duration == pytest.approx(len(clip.waveform) / 16000)
+  assert len(np.unique(clip.frames.reshape(num_frames, -1).mean(axis=1).round(2))) > 1
 
 
 # ------------------------------------------------------------ real files
@@ -96,27 +96,27 @@ def _check_clip(clip, num_frames=10, size=224):
 # All of these have an audio track (checked with PyAV); demo.gif / demo.m1v have none.
 @pytest.mark.parametrize("name", ["demo.mp4", "demo.webm", "demo.mkv", "demo.avi", "demo.mov"])
 def test_iscc_samples_decode(name):
-    clip = decode_clip(os.path.join(SAMPLES, name))
-    _check_clip(clip)
-    assert clip.waveform.shape == (160000,)  # the files are 60 s long: capped at 10 s
-    assert clip.frames.std(axis=0).mean() > 5  # frames differ from each other
+  clip = decode_clip(os.path.join(SAMPLES, name))
+  _check_clip(clip)
+  assert clip.waveform.shape == (160000,)  # the files are 60 s long: capped at 10 s
+  assert clip.frames.std(axis=0).mean() > 5  # frames differ from each other
 
 
 def test_iscc_samples_agree_across_containers():
-    # Same content muxed differently must give (nearly) the same frames.
-    a = decode_clip(os.path.join(SAMPLES, "demo.mp4"), image_size=64).frames.astype(float)
-    b = decode_clip(os.path.join(SAMPLES, "demo.mkv"), image_size=64).frames.astype(float)
-    assert np.abs(a - b).mean() < 3
+  # Same content muxed differently must give (nearly) the same frames.
+  a = decode_clip(os.path.join(SAMPLES, "demo.mp4"), image_size=64).frames.astype(float)
+  b = decode_clip(os.path.join(SAMPLES, "demo.mkv"), image_size=64).frames.astype(float)
+  assert np.abs(a - b).mean() < 3
 
 
 @pytest.mark.parametrize("name", ["demo.gif", "demo.m1v"])
 def test_iscc_samples_without_audio(name):
-    path = os.path.join(SAMPLES, name)
-    with pytest.raises(ClipError) as e:
-        decode_clip(path)
-    assert e.value.reason == "no_audio"
-    frames = decode_frames(path, num_frames=4, image_size=32)
-    assert frames.shape == (4, 32, 32, 3)
+  path = os.path.join(SAMPLES, name)
+  with pytest.raises(ClipError) as e:
+    decode_clip(path)
+  assert e.value.reason == "no_audio"
+  frames = decode_frames(path, num_frames=4, image_size=32)
+  assert frames.shape == (4, 32, 32, 3)
 
 
 # ------------------------------------------------------------ generated files
@@ -133,43 +133,43 @@ CONTAINERS = [
 
 @pytest.mark.parametrize("name,vcodec,acodec,sr,layout", CONTAINERS)
 def test_containers(tmp_path, name, vcodec, acodec, sr, layout):
-    for codec in (vcodec, acodec):
-        if not _has_encoder(codec):
-            pytest.skip(f"encoder {codec} not in this PyAV build")
-    opts = {"deadline": "realtime", "cpu-used": "8"} if vcodec == "libvpx-vp9" else None
-    path = write_media(tmp_path / name, vcodec=vcodec, acodec=acodec, sample_rate=sr,
-                       layout=layout, seconds=2.0, voptions=opts)
-    clip = decode_clip(path)
-    _check_clip(clip)
-    assert abs(len(clip.waveform) - 32000) <= 2048  # codec padding / priming
-    assert _dominant_hz(clip.waveform) == pytest.approx(440, abs=5)
+  for codec in (vcodec, acodec):
+    if not _has_encoder(codec):
+      pytest.skip(f"encoder {codec} not in this PyAV build")
+  opts = {"deadline": "realtime", "cpu-used": "8"} if vcodec == "libvpx-vp9" else None
+  path = write_media(tmp_path / name, vcodec=vcodec, acodec=acodec, sample_rate=sr,
+                     layout=layout, seconds=2.0, voptions=opts)
+  clip = decode_clip(path)
+  _check_clip(clip)
+  assert abs(len(clip.waveform) - 32000) <= 2048  # codec padding / priming
+  assert _dominant_hz(clip.waveform) == pytest.approx(440, abs=5)
 
 
 @pytest.mark.parametrize("layout", ["mono", "stereo", "5.1"])
 @pytest.mark.parametrize("sr", [8000, 22050, 44100, 48000])
 def test_resampling_to_16k_mono(tmp_path, sr, layout):
-    path = write_media(tmp_path / "a.mkv", acodec="pcm_s16le", sample_rate=sr, layout=layout,
-                       seconds=1.5, wave_fn=_sine(440.0, 0.25))
-    wave = decode_clip(path, num_frames=2, image_size=16).waveform
-    assert wave.dtype == np.float32 and wave.ndim == 1
-    assert abs(len(wave) - 24000) <= 16  # pcm: exact up to resampler rounding
-    assert 0.05 < np.abs(wave).max() <= 1.0
-    assert _dominant_hz(wave) == pytest.approx(440, abs=3)
+  path = write_media(tmp_path / "a.mkv", acodec="pcm_s16le", sample_rate=sr, layout=layout,
+                     seconds=1.5, wave_fn=_sine(440.0, 0.25))
+  wave = decode_clip(path, num_frames=2, image_size=16).waveform
+  assert wave.dtype == np.float32 and wave.ndim == 1
+  assert abs(len(wave) - 24000) <= 16  # pcm: exact up to resampler rounding
+  assert 0.05 < np.abs(wave).max() <= 1.0
+  assert _dominant_hz(wave) == pytest.approx(440, abs=3)
 
 
 def test_one_channel_only_stereo(tmp_path):
-    # The downmix must keep a sound that lives in the left channel only.
-    wave_fn = lambda t: np.stack([0.3 * np.sin(2 * np.pi * 1000 * t), 0 * t])
-    path = write_media(tmp_path / "a.mkv", acodec="pcm_s16le", sample_rate=44100,
-                       layout="stereo", wave_fn=wave_fn)
-    wave = decode_audio(path)
-    assert _dominant_hz(wave) == pytest.approx(1000, abs=3)
+  # The downmix must keep a sound that lives in the left channel only.
+  wave_fn = lambda t: np.stack([0.3 * np.sin(2 * np.pi * 1000 * t), 0 * t])
+  path = write_media(tmp_path / "a.mkv", acodec="pcm_s16le", sample_rate=44100,
+                     layout="stereo", wave_fn=wave_fn)
+  wave = decode_audio(path)
+  assert _dominant_hz(wave) == pytest.approx(1000, abs=3)
 
 
 def test_max_seconds_caps_audio(tmp_path):
-    path = write_media(tmp_path / "a.mkv", acodec="pcm_s16le", sample_rate=22050, seconds=4.0)
-    assert len(decode_clip(path, max_seconds=2.5).waveform) == 40000
-    assert len(decode_audio(path, sample_rate=8000, max_seconds=1.25)) == 10000
+  path = write_media(tmp_path / "a.mkv", acodec="pcm_s16le", sample_rate=22050, seconds=4.0)
+  assert len(decode_clip(path, max_seconds=2.5).waveform) == 40000
+  assert len(decode_audio(path, sample_rate=8000, max_seconds=1.25)) == 10000
 
 
 LOSSLESS = {"qp": "0", "preset": "ultrafast"}
@@ -183,84 +183,85 @@ LOSSLESS = {"qp": "0", "preset": "ultrafast"}
     (37, 10.0, 16),
 ])
 def test_frame_index_rule(tmp_path, n_frames, max_seconds, num_frames):
-    path = write_media(tmp_path / "f.mp4", seconds=n_frames / 10, fps=10, frame_fn=_digits_frame,
-                       voptions=LOSSLESS, audio_seconds=max(1.5, n_frames / 10))
-    frames = decode_clip(path, num_frames=num_frames, image_size=16, max_seconds=max_seconds).frames
-    total = min(n_frames, int(round(max_seconds * 10)))
-    assert _read_digits(frames) == [int(i * total / num_frames) for i in range(num_frames)]
+  path = write_media(tmp_path / "f.mp4", seconds=n_frames / 10, fps=10, frame_fn=_digits_frame,
+                     voptions=LOSSLESS, audio_seconds=max(1.5, n_frames / 10))
+  frames = decode_clip(path, num_frames=num_frames, image_size=16, max_seconds=max_seconds).frames
+  total = min(n_frames, int(round(max_seconds * 10)))
+  assert _read_digits(frames) == [int(i * total / num_frames) for i in range(num_frames)]
 
 
 @pytest.mark.parametrize("estimate", [None, 1, 5, 500])
 def test_frame_index_rule_with_wrong_estimate(tmp_path, monkeypatch, estimate):
-    # A wrong frame-count guess must only cost a second pass, never change frames.
-    path = write_media(tmp_path / "f.mp4", seconds=3.7, frame_fn=_digits_frame, voptions=LOSSLESS)
-    monkeypatch.setattr(media, "_estimate_total", lambda *a: estimate)
-    frames = decode_frames(path, num_frames=10, image_size=16)
-    assert _read_digits(frames) == [int(i * 37 / 10) for i in range(10)]
+  # A wrong frame-count guess must only cost a second pass, never change frames.
+  path = write_media(tmp_path / "f.mp4", seconds=3.7, frame_fn=_digits_frame, voptions=LOSSLESS)
+  monkeypatch.setattr(media, "_estimate_total", lambda *a: estimate)
+  frames = decode_frames(path, num_frames=10, image_size=16)
+  assert _read_digits(frames) == [int(i * 37 / 10) for i in range(10)]
 
 
 def test_resize_and_centre_crop(tmp_path):
-    # 128x64 frame: left/right quarters red, centre half green -> crop is all green.
-    def frame_fn(i, h, w):
-        img = np.zeros((h, w, 3), np.uint8)
-        img[..., 0] = 255
-        img[:, w // 4: 3 * w // 4] = (0, 255, 0)
-        return img
-    path = write_media(tmp_path / "c.mp4", frame_fn=frame_fn, size=(128, 64), voptions=LOSSLESS)
-    frames = decode_frames(path, num_frames=2, image_size=32)
-    assert frames.shape == (2, 32, 32, 3)
-    inner = frames[:, :, 2:-2].reshape(-1, 3).mean(axis=0)
-    assert inner[1] > 200 and inner[0] < 40
+  # 128x64 frame: left/right quarters red, centre half green -> crop is all green.
+  def frame_fn(i, h, w):
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0] = 255
+    img[:, w // 4: 3 * w // 4] = (0, 255, 0)
+    return img
+  path = write_media(tmp_path / "c.mp4", frame_fn=frame_fn, size=(128, 64), voptions=LOSSLESS)
+  frames = decode_frames(path, num_frames=2, image_size=32)
+  assert frames.shape == (2, 32, 32, 3)
+  inner = frames[:, :, 2:-2].reshape(-1, 3).mean(axis=0)
+  assert inner[1] > 200 and inner[0] < 40
 
 
 def test_jpeg_roundtrip():
-    img = np.zeros((40, 50, 3), np.uint8)
-    img[:, :25] = (200, 30, 30)
-    img[:, 25:] = (20, 40, 220)
-    out = media.decode_jpeg(media.encode_jpeg(img, quality=95))
-    assert out.shape == img.shape and out.dtype == np.uint8
-    assert np.abs(out.astype(int) - img).mean() < 4
-    with pytest.raises(ValueError):
-        media.encode_jpeg(img.astype(np.float32))
+  img = np.zeros((40, 50, 3), np.uint8)
+  img[:, :25] = (200, 30, 30)
+  img[:, 25:] = (20, 40, 220)
+  out = media.decode_jpeg(media.encode_jpeg(img, quality=95))
+  assert out.shape == img.shape and out.dtype == np.uint8
+  assert np.abs(out.astype(int) - img).mean() < 4
+  with pytest.raises(ValueError):
+    media.encode_jpeg(img.astype(np.float32))
 
 
 def test_clip_error_pickles():
-    e = pickle.loads(pickle.dumps(ClipError("/x/y.mp4", "no_audio", "no audio stream")))
-    assert (e.path, e.reason) == ("/x/y.mp4", "no_audio")
-    assert "/x/y.mp4" in str(e) and "no_audio" in str(e)
+  e = pickle.loads(pickle.dumps(ClipError("/x/y.mp4", "no_audio", "no audio stream")))
+  assert (e.path, e.reason) == ("/x/y.mp4", "no_audio")
+  assert "/x/y.mp4" in str(e) and "no_audio" in str(e)
 
 
 # ------------------------------------------------------------ bad inputs
 
 
 def _truncate(path, frac=0.1):
-    data = open(path, "rb").read()
-    out = path + ".cut.mp4"
-    open(out, "wb").write(data[: int(len(data) * frac)])
-    return out
+  data = open(path, "rb").read()
+  out = path + ".cut.mp4"
+  open(out, "wb").write(data[: int(len(data) * frac)])
+  return out
 
 
 def _bad_cases(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "random.mp4").write_bytes(rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes())
-    (tmp_path / "empty.mp4").write_bytes(b"")
-    (tmp_path / "text.mp4").write_text("hello, not a video\n")
-    good = write_media(tmp_path / "good.mp4", seconds=3.0)
-    return {
-        "missing": (str(tmp_path / "nope.mp4"), "missing_file"),
-        "directory": (str(tmp_path), "missing_file"),
-        "random_bytes": (str(tmp_path / "random.mp4"), "unreadable"),
-        "empty": (str(tmp_path / "empty.mp4"), "unreadable"),
-        "text": (str(tmp_path / "text.mp4"), "unreadable"),
-        # moov atom at the end (PyAV default): the cut file cannot be opened.
-        "truncated": (_truncate(good), "unreadable"),
-        "no_audio": (write_media(tmp_path / "v.mp4", acodec=None), "no_audio"),
-        "no_video": (write_media(tmp_path / "a.m4a", fmt="mp4", vcodec=None), "no_video"),
-        "no_video_wav": (write_media(tmp_path / "a.wav", vcodec=None, acodec="pcm_s16le"), "no_video"),
-        "silent": (write_media(tmp_path / "s.mp4", wave_fn=lambda t: 0 * t), "silent_audio"),
-        "short_audio": (write_media(tmp_path / "sh.mp4", seconds=3.0, audio_seconds=0.5),
-                        "audio_too_short"),
-    }
+  rng = np.random.default_rng(0)
+  (tmp_path / "random.mp4").write_bytes(rng.integers(0, 256, 100_000, dtype=np.uint8).tobytes())
+  (tmp_path / "empty.mp4").write_bytes(b"")
+  (tmp_path / "text.mp4").write_text("hello, not a video\n")
+  good = write_media(tmp_path / "good.mp4", seconds=3.0)
+  return {
+      "missing": (str(tmp_path / "nope.mp4"), "missing_file"),
+      "directory": (str(tmp_path), "missing_file"),
+      "random_bytes": (str(tmp_path / "random.mp4"), "unreadable"),
+      "empty": (str(tmp_path / "empty.mp4"), "unreadable"),
+      "text": (str(tmp_path / "text.mp4"), "unreadable"),
+      # moov atom at the end (PyAV default): the cut file cannot be opened.
+      "truncated": (_truncate(good), "unreadable"),
+      "no_audio": (write_media(tmp_path / "v.mp4", acodec=None), "no_audio"),
+      "no_video": (write_media(tmp_path / "a.m4a", fmt="mp4", vcodec=None), "no_video"),
+      "no_video_wav": (write_media(tmp_path / "a.wav", vcodec=None, acodec="pcm_s16le"),
+                       "no_video"),
+      "silent": (write_media(tmp_path / "s.mp4", wave_fn=lambda t: 0 * t), "silent_audio"),
+      "short_audio": (write_media(tmp_path / "sh.mp4", seconds=3.0, audio_seconds=0.5),
+                      "audio_too_short"),
+  }
 
 
 BAD = ["missing", "directory", "random_bytes", "empty", "text", "truncated", "no_audio",
@@ -269,42 +270,42 @@ BAD = ["missing", "directory", "random_bytes", "empty", "text", "truncated", "no
 
 @pytest.fixture(scope="module")
 def bad_cases(tmp_path_factory):
-    return _bad_cases(tmp_path_factory.mktemp("bad"))
+  return _bad_cases(tmp_path_factory.mktemp("bad"))
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_inputs(bad_cases, case):
-    path, reason = bad_cases[case]
-    with pytest.raises(ClipError) as e:
-        decode_clip(path)
-    assert e.value.reason == reason
-    assert e.value.path == path
-    assert reason in str(e.value) and os.path.basename(path) in str(e.value)
+  path, reason = bad_cases[case]
+  with pytest.raises(ClipError) as e:
+    decode_clip(path)
+  assert e.value.reason == reason
+  assert e.value.path == path
+  assert reason in str(e.value) and os.path.basename(path) in str(e.value)
 
 
 def test_helpers_need_only_their_stream(bad_cases):
-    frames = decode_frames(bad_cases["no_audio"][0], num_frames=3, image_size=16)
-    assert frames.shape == (3, 16, 16, 3)
-    assert abs(len(decode_audio(bad_cases["no_video"][0])) - 32000) <= 2048  # aac padding
-    with pytest.raises(ClipError) as e:
-        decode_frames(bad_cases["no_video"][0])
-    assert e.value.reason == "no_video"
-    with pytest.raises(ClipError) as e:
-        decode_audio(bad_cases["no_audio"][0])
-    assert e.value.reason == "no_audio"
+  frames = decode_frames(bad_cases["no_audio"][0], num_frames=3, image_size=16)
+  assert frames.shape == (3, 16, 16, 3)
+  assert abs(len(decode_audio(bad_cases["no_video"][0])) - 32000) <= 2048  # aac padding
+  with pytest.raises(ClipError) as e:
+    decode_frames(bad_cases["no_video"][0])
+  assert e.value.reason == "no_video"
+  with pytest.raises(ClipError) as e:
+    decode_audio(bad_cases["no_audio"][0])
+  assert e.value.reason == "no_audio"
 
 
 def test_truncated_file_with_index_up_front(tmp_path):
-    # With the index (moov) at the front, a cut file still decodes the frames
-    # that survive; they are sampled from what decodes (rule: only zero
-    # decodable frames is an error).
-    path = write_media(tmp_path / "long.mp4", seconds=20.0, frame_fn=_digits_frame,
-                       voptions=LOSSLESS, container_options={"movflags": "faststart"})
-    cut = _truncate(path)
-    frames = decode_frames(cut, num_frames=10, image_size=16)
-    idx = _read_digits(frames)
-    assert frames.shape == (10, 16, 16, 3)
-    assert idx == sorted(idx) and idx[0] == 0 and idx[-1] < 90  # fewer than 100 frames
-    with pytest.raises(ClipError) as e:
-        decode_clip(cut)  # the audio that survives is too short
-    assert e.value.reason in ("audio_too_short", "no_frames", "unreadable")
+  # With the index (moov) at the front, a cut file still decodes the frames
+  # that survive; they are sampled from what decodes (rule: only zero
+  # decodable frames is an error).
+  path = write_media(tmp_path / "long.mp4", seconds=20.0, frame_fn=_digits_frame,
+                     voptions=LOSSLESS, container_options={"movflags": "faststart"})
+  cut = _truncate(path)
+  frames = decode_frames(cut, num_frames=10, image_size=16)
+  idx = _read_digits(frames)
+  assert frames.shape == (10, 16, 16, 3)
+  assert idx == sorted(idx) and idx[0] == 0 and idx[-1] < 90  # fewer than 100 frames
+  with pytest.raises(ClipError) as e:
+    decode_clip(cut)  # the audio that survives is too short
+  assert e.value.reason in ("audio_too_short", "no_frames", "unreadable")

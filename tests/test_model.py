@@ -1,4 +1,6 @@
 """Model shapes for every variant (abstractly) and the audio/video input paths."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,11 +184,13 @@ def _batch(b=4):
 def _loss_and_grads(model, config, batch):
   """The pretraining loss and its gradients, jitted over nnx.merge(graphdef, params) as trained."""
   from avsiam_jax import pretraining  # pylint: disable=g-import-not-at-top
+  from avsiam_jax.config import parse  # pylint: disable=g-import-not-at-top
+  spec = dataclasses.replace(parse(config, 1).pretrain, batch_shards=1)
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
   def loss(params):
-    return pretraining.pretrain_losses(params, graphdef, batch, jax.random.key(1), config,
-                                       batch_shards=1, which="total")[0]
+    return pretraining.pretrain_losses(params, graphdef, batch, jax.random.key(1), spec,
+                                       which="total")[0]
   compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
   value, grads = compiled(params)
   return value, grads, jax.make_jaxpr(loss)(params).jaxpr, compiled.as_text()

@@ -7,10 +7,11 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from avsiam_jax import sharding, train
+from avsiam_jax.config import ConfigError, model_spec
 from avsiam_jax.models import vit
 from avsiam_jax.models.avsiam import AVSiam
 from avsiam_jax.weights import convert, load
-from conftest import data_file
+from conftest import build, data_file
 from tests.test_train import fake_timm_vit, fixed_batch, tiny_config
 from tests.test_weights import DW, fake_release, flat
 
@@ -49,16 +50,14 @@ def source_case(name, monkeypatch, tmp_path):
   config = golden_config(monkeypatch, src, fmt)
   if name == "converted":  # converted at another seed: the run's own seed must win
     out = str(tmp_path / "converted")
-    convert.convert(src, fmt, out, spec=train.model_spec(config), seed=11)
+    convert.convert(src, fmt, out, spec=model_spec(config.model), seed=11)
     config.model_init, config.model_init_format = out, "converted"
   return config, ("mm_norm", "decoder", "mask_token", "modality_token")
 
 
 def start(config, seed=SEED):
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
-  key = jax.random.key(seed)
-  return fns, mesh, train.load_init_weights(config, fns.init(key), fns, key)
+  _, mesh, task, fns = build(config)
+  return fns, mesh, train.fresh_state(task, fns, jax.random.key(seed))
 
 
 @pytest.mark.parametrize("source", ["timm", "vitjax", "avsiam", "converted"])
@@ -67,7 +66,7 @@ def test_what_the_source_lacks_is_a_fresh_models(source, monkeypatch, tmp_path):
   _, _, state = start(config)
   got = flat(jax.device_get(state["params"]))
   # The reference: the model built eagerly from the run's key, as create_state builds it.
-  model = AVSiam(train.model_spec(config), rngs=nnx.Rngs(params=jax.random.key(SEED)))
+  model = AVSiam(model_spec(config.model), rngs=nnx.Rngs(params=jax.random.key(SEED)))
   want = flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   fresh_paths = [p for p in want if p.startswith(fresh_prefixes)]
   assert "mm_norm/scale" in fresh_paths
@@ -95,7 +94,7 @@ def test_two_steps_from_a_source_file_train_the_decoder(tmp_path):
 
 
 def test_zeroed_layernorm_scale_is_named():
-  spec = train.model_spec(tiny_config())
+  spec = model_spec(tiny_config().model)
   params = load.fresh_params(spec)
   load.check_initialized(params)  # biases and modality tokens start at zero: allowed
   params["mm_norm"]["scale"] = np.zeros_like(params["mm_norm"]["scale"])
@@ -115,7 +114,7 @@ def test_startup_stops_on_a_source_with_a_zero_layernorm(tmp_path, demo_dataset)
   config = tiny_config()
   config.data.demo, config.data.dir = False, demo_dataset
   config.model_init, config.model_init_format = str(tmp_path / "vit.safetensors"), "timm"
-  with pytest.raises(train.ConfigError, match="encoder/norm/a/scale"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+  with pytest.raises(ConfigError, match="encoder/norm/a/scale"):
+    train.run(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists() or not any(
       (tmp_path / "run" / "checkpoints").iterdir())

@@ -1,7 +1,7 @@
 """Two real JAX processes on CPU (jax.distributed + gloo) train like one process does.
 
 Each process (tests/multihost_worker.py) has 2 virtual CPU devices, reads its own half of every
-global batch from the shared dataset and runs train.train_and_evaluate into one shared workdir.
+global batch from the shared dataset and runs train.run into one shared workdir.
 The per-step losses that process 0 logs to TensorBoard must match a one-process, one-device run
 fed the same global batches with the same masking layout (config.mesh.batch_shards = 4).
 """
@@ -17,14 +17,13 @@ import jax
 import numpy as np
 import pytest
 
-from avsiam_jax import sharding, train
+from avsiam_jax import sharding
+from conftest import build
 from avsiam_jax.data import pipeline, records
+import multihost_worker  # pytest puts tests/ (no __init__.py) on sys.path
+from tb_events import read_scalars
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import multihost_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tb_events import read_scalars  # pylint: disable=g-import-not-at-top,wrong-import-position
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES, LOCAL_DEVICES, STEPS = 2, 2, 3
 TIMEOUT_S = 900
 
@@ -38,9 +37,8 @@ def free_port() -> int:
 def reference_losses(config, data_dir):
   """One process on one device, the same global batches (the concatenation over processes of
   what each process's pipeline yields, in process order) and the same masking layout."""
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   num_train = records.read_info(data_dir)["splits"]["train"]["num_examples"]
-  fns = train.make_train_fns(config, mesh, num_train // config.batch_size)
+  _, mesh, _, fns = build(config, steps_per_epoch=num_train // config.batch_size)
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   iters = [pipeline.make_pretrain_iterator(
       data_dir, "train", batch_size=config.batch_size // NUM_PROCESSES,
@@ -56,6 +54,7 @@ def reference_losses(config, data_dir):
   return out
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, demo_dataset):
   t0 = time.time()
   num_devices = NUM_PROCESSES * LOCAL_DEVICES
@@ -63,7 +62,7 @@ def test_two_processes_match_one(tmp_path, demo_dataset):
   num_eval = records.read_info(data_dir)["splits"]["eval"]["num_examples"]
   workdir = str(tmp_path / "workdir")
   port = free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)  # the worker sets XLA_FLAGS
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # the worker sets XLA_FLAGS
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
     env.pop(k, None)
   procs, logs = [], []
@@ -71,7 +70,8 @@ def test_two_processes_match_one(tmp_path, demo_dataset):
     out, err = (open(tmp_path / f"worker{i}.{s}", "w+") for s in ("out", "err"))
     logs.append((out, err))
     procs.append(subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "multihost_worker.py"),
+        # A module run from the root: the child finds avsiam_jax and tests there.
+        [sys.executable, "-m", "tests.multihost_worker",
          f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={NUM_PROCESSES}",
          f"--process_id={i}", f"--workdir={workdir}", f"--data_dir={data_dir}",
          f"--local_devices={LOCAL_DEVICES}", f"--steps={STEPS}"],

@@ -13,6 +13,8 @@ from avsiam_jax import train
 from configs import demo as demo_config
 from tb_events import read_scalars
 
+pytestmark = pytest.mark.slow  # trains in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 OVERRIDES = {
@@ -72,7 +74,7 @@ def losses(workdir):
 
 def test_sigkill_then_restart_matches_uninterrupted(tmp_path, dataset):
   reference = str(tmp_path / "reference")
-  train.train_and_evaluate(config_for(dataset, STEPS), reference)
+  train.run(config_for(dataset, STEPS), reference)
   want = losses(reference)
   assert sorted(want) == list(range(1, STEPS + 1))
 

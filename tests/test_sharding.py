@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from avsiam_jax import pretraining, sharding, train
+from avsiam_jax import pretraining, sharding
+from avsiam_jax.config import ConfigError, parse
+from conftest import build
 from tests.test_train import fixed_batch, tiny_config
 
 # (data, fsdp, tensor) over the 8 virtual devices.
@@ -36,10 +38,8 @@ def make_config(shape):
 
 def setup(shape):
   config = make_config(shape)
-  n = int(np.prod(shape))
-  train.check_config(config, n)
-  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:n])
-  return config, mesh, train.make_train_fns(config, mesh, steps_per_epoch=10)
+  spec, mesh, _, fns = build(config, int(np.prod(shape)))
+  return spec, mesh, fns
 
 
 def place(host_tree, abstract):
@@ -48,7 +48,7 @@ def place(host_tree, abstract):
 
 def run_step(shape, state0=None):
   """One real train step from the same initial state; returns host copies."""
-  config, mesh, fns = setup(shape)
+  spec, mesh, fns = setup(shape)
   # Placing the reference's initial state skips compiling init again for every mesh.
   state = fns.init(jax.random.key(0)) if state0 is None else place(state0, fns.abstract_state)
   state0 = jax.device_get(state)
@@ -56,14 +56,14 @@ def run_step(shape, state0=None):
   step = compile_fast(fns.step, state, batch, STEP_KEY)
   new_state, metrics = step(state, batch, STEP_KEY)
   shardings = jax.tree.map(lambda a: a.sharding, new_state)
-  return {"config": config, "mesh": mesh, "fns": fns, "state0": state0,
+  return {"spec": spec, "mesh": mesh, "fns": fns, "state0": state0,
           "shardings": shardings, "state": jax.device_get(new_state),
           "metrics": jax.device_get(metrics)}
 
 
 def adam_gradient(result):
   """The gradient the step fed to Adam: after one step mu = (1 - b1) * (g + wd * params)."""
-  o = result["config"].optim
+  o = result["spec"].optim
   mu = result["state"]["opt"]["total"][1].mu
   return jax.tree.map(lambda m, p: m.astype(np.float64) / (1 - o.b1) - o.weight_decay * p,
                       mu, result["state0"]["params"])
@@ -82,13 +82,13 @@ def reference():
 
 def test_step_gradient_is_the_pretraining_loss_gradient(reference):
   """Ties the step to pretrain_losses('total'), so the mesh tests below compare its gradient."""
-  config, mesh, fns = reference["config"], reference["mesh"], reference["fns"]
+  spec, mesh, fns = reference["spec"], reference["mesh"], reference["fns"]
   param_sh = jax.tree.map(lambda a: a.sharding, fns.abstract_state["params"])
   key = jax.random.fold_in(STEP_KEY, 0)  # the step folds in its step number
 
   def loss_fn(params, batch):
-    return pretraining.pretrain_losses(params, fns.graphdef, batch, key, config,
-                                       fns.batch_shards, "total")[0]
+    return pretraining.pretrain_losses(params, fns.graphdef, batch, key, spec.pretrain,
+                                       "total")[0]
   fn = jax.jit(jax.value_and_grad(loss_fn),
                in_shardings=(param_sh, sharding.batch_sharding(mesh)),
                out_shardings=(sharding.replicated(mesh), param_sh))
@@ -164,13 +164,13 @@ def no_compile():
 
 @pytest.mark.parametrize("shape,batch,message", [
     # More devices than there are.
-    ((4, 4, 1), 40, r"config.mesh .*needs 16 devices, 8 are present"),
+    ((4, 4, 1), 40, r"config.mesh: .*needs 16 devices, 8 are present"),
     # Two axes to infer.
     ((-1, -1, 2), 40, r"config.mesh: at most one axis may be -1"),
     # -1 cannot fill the devices left.
-    ((3, -1, 1), 40, r"config.mesh .*does not divide the 8 devices"),
+    ((3, -1, 1), 40, r"config.mesh: .*does not divide the 8 devices"),
     # 36 clips over data x fsdp = 2 x 4 devices.
-    ((2, 4, 1), 36, r"config.batch_size 36 must be a positive multiple of the 8 devices"),
+    ((2, 4, 1), 36, r"config.batch_size: 36 must be a positive multiple of the 8 devices"),
     # 6 clips per shard cannot form the 5 mask-ratio groups.
     ((2, 4, 1), 48, r"config.batch_size: per-shard batch 6 .* 5 mask-ratio groups.* "
                     r"multiple of 40"),
@@ -179,12 +179,12 @@ def no_compile():
 def test_bad_mesh_or_batch_fails_before_compute(shape, batch, message, no_compile):
   config = tiny_config(batch=batch)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
-  with pytest.raises(ValueError, match=message):
-    train.check_config(config, 8)
+  with pytest.raises(ConfigError, match=message):
+    parse(config, 8)
 
 
 def test_good_mesh_passes_the_checks(no_compile):
   for shape in MESHES + [(1, 4, 2), (-1, 2, 1)]:
     config = tiny_config(batch=BATCH)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
-    train.check_config(config, 8)
+    parse(config, 8)

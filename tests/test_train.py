@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from avsiam_jax import checkpoint, sharding, train
+from avsiam_jax import checkpoint, optim, sharding, train
+from avsiam_jax.config import ConfigError, parse
+from tests.conftest import build  # also imported by tests/multihost_worker.py
 from configs import demo as demo_config
 
 
@@ -35,8 +37,8 @@ def fixed_batch(batch, seed=0):
   return {"audio": audio.astype(np.float32), "video": video.astype(np.float32)}
 
 
-def run_steps(config, mesh, n, batch):
-  fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
+def run_steps(config, num_devices, n, batch):
+  _, mesh, _, fns = build(config, num_devices)
   state = fns.init(jax.random.key(0))
   metrics = []
   for _ in range(n):
@@ -49,8 +51,7 @@ def run_steps(config, mesh, n, batch):
 def test_steps_on_a_fixed_batch_lower_the_loss(separate):
   config = tiny_config(batch=10)
   config.pretrain.separate_optimizers = separate
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  _, metrics = run_steps(config, mesh, 12, fixed_batch(10))
+  _, metrics = run_steps(config, 1, 12, fixed_batch(10))
   for name in ("contrastive", "reconstruction"):
     first, last = metrics[0][name], np.mean([m[name] for m in metrics[-3:]])
     assert last < 0.9 * first, (name, first, last)
@@ -62,12 +63,11 @@ def test_eight_devices_match_one_device():
   config.pretrain.mask_ratios = (0.0, 0.2, 0.6)  # three groups keep the compile short
   config.mesh.batch_shards = 8  # the same masking layout on both meshes
   batch = fixed_batch(24)
-  one, eight = (sharding.make_mesh(config.mesh, jax.devices()[:n]) for n in (1, 8))
   # Two full steps through the trainer's compiled step: the losses agree, the second one after
   # a sharded optimizer update. (Every gradient leaf on this and other meshes is compared in
   # test_sharding.test_mesh_matches_one_device.)
-  _, m1 = run_steps(config, one, 2, batch)
-  state8, m8 = run_steps(config, eight, 2, batch)
+  _, m1 = run_steps(config, 1, 2, batch)
+  state8, m8 = run_steps(config, 8, 2, batch)
   for a, b in zip(m1, m8):
     for k in ("contrastive", "reconstruction", "grad_norm_total"):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5)
@@ -76,8 +76,7 @@ def test_eight_devices_match_one_device():
 
 def test_save_restore_next_step_identical(tmp_path):
   config = tiny_config(batch=10)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
+  _, mesh, _, fns = build(config)
   batch = sharding.global_batch(fixed_batch(10), mesh)
   key = jax.random.key(7)
   state, _ = fns.step(fns.init(jax.random.key(0)), batch, key)
@@ -99,17 +98,17 @@ def test_save_restore_next_step_identical(tmp_path):
 
 def test_bad_configs_fail_before_compute(tmp_path):
   config = tiny_config(batch=48)  # 6 per device: not 5 groups
-  with pytest.raises(train.ConfigError, match="mask-ratio groups"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(ConfigError, match="mask-ratio groups"):
+    train.run(config, str(tmp_path))
   config = tiny_config()
   config.model.variant = "X/16"
-  with pytest.raises(train.ConfigError, match="unknown ViT variant"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(ConfigError, match="unknown ViT variant"):
+    train.run(config, str(tmp_path))
   config = tiny_config()
   config.data.demo = False
   config.data.dir = str(tmp_path / "missing")
-  with pytest.raises(train.ConfigError, match="missing"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(ConfigError, match="missing"):
+    train.run(config, str(tmp_path))
   assert not os.listdir(tmp_path)  # nothing was written
 
 
@@ -121,7 +120,7 @@ def test_demo_end_to_end_and_resume(tmp_path):
   config.epochs = 4
   config.checkpoint_every_steps = 2
   workdir = str(tmp_path / "w")
-  results = train.train_and_evaluate(config, workdir)
+  results = train.run(config, workdir)
   assert results["step"] == 4
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
@@ -138,7 +137,7 @@ def test_demo_end_to_end_and_resume(tmp_path):
   config.data.demo_eval_clips = 10
   config.total_steps = 6
   config.checkpoint_every_steps = 2
-  results = train.train_and_evaluate(config, workdir)
+  results = train.run(config, workdir)
   assert results["step"] == 6
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert steps[-1] == 6 and 4 in steps
@@ -149,7 +148,7 @@ def test_lr_step_decay_in_epochs():
   config.total_steps = 200  # 20 epochs of 10 steps
   config.optim.lr, config.optim.decay_rate = 1e-4, 0.5
   config.optim.decay_start_epoch, config.optim.decay_every_epochs = 10, 5
-  schedule = train.lr_schedule(config, steps_per_epoch=10)
+  schedule = optim.lr_schedule(parse(config, 8).pretrain.schedule, steps_per_epoch=10)
   # Paper Table 9: x0.5 at epoch 10 and every 5 epochs after.
   for step, want in ((0, 1e-4), (99, 1e-4), (100, 5e-5), (149, 5e-5), (150, 2.5e-5), (199, 2.5e-5)):
     assert float(schedule(step)) == pytest.approx(want), step
@@ -178,10 +177,8 @@ def test_model_init_from_timm_weights(tmp_path):
   sd = fake_timm_vit(str(tmp_path / "vit.safetensors"))
   config = tiny_config()
   config.model_init, config.model_init_format = str(tmp_path / "vit.safetensors"), "timm"
-  train.check_config(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh)
-  fns = train.make_train_fns(config, mesh, steps_per_epoch=10)
-  state = train.load_init_weights(config, fns.init(jax.random.key(0)), fns, jax.random.key(0))
+  _, mesh, task, fns = build(config, jax.device_count())
+  state = train.fresh_state(task, fns, jax.random.key(0))
   enc = state["params"]["encoder"]
   np.testing.assert_array_equal(enc["video_posemb"], sd["pos_embed"][0, 1:])
   np.testing.assert_array_equal(enc["patch_kernel"], sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
@@ -195,5 +192,5 @@ def test_model_init_from_timm_weights(tmp_path):
   assert np.isfinite(float(metrics["loss"]))
 
   config.model_init = str(tmp_path / "missing.npz")
-  with pytest.raises(ValueError, match="config.model_init"):
-    train.check_config(config, jax.device_count())
+  with pytest.raises(ConfigError, match="config.model_init"):
+    parse(config, jax.device_count())

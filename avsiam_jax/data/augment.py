@@ -19,7 +19,6 @@ from PIL import Image
 
 from avsiam_jax.data import fbank as fbank_lib
 
-NUM_MEL_BINS = 128
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # uint8 pixel -> normalized value in one multiply-add: (p/255 - mean)/std.

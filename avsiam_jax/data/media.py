@@ -47,273 +47,273 @@ _ESTIMATE_SLACK = 2
 
 
 class ClipError(Exception):
-    """A media file cannot be used; `reason` is one of `REASONS`."""
+  """A media file cannot be used; `reason` is one of `REASONS`."""
 
-    def __init__(self, path, reason: str, detail: str = ""):
-        self.path = os.fspath(path) if path is not None else None
-        self.reason = reason
-        self.detail = detail
-        msg = f"{self.path}: {reason}"
-        super().__init__(f"{msg} ({detail})" if detail else msg)
+  def __init__(self, path, reason: str, detail: str = ""):
+    self.path = os.fspath(path) if path is not None else None
+    self.reason = reason
+    self.detail = detail
+    msg = f"{self.path}: {reason}"
+    super().__init__(f"{msg} ({detail})" if detail else msg)
 
-    def __reduce__(self):
-        # Custom __init__ args: needed so the error survives multiprocessing.
-        return (ClipError, (self.path, self.reason, self.detail))
+  def __reduce__(self):
+    # Custom __init__ args: needed so the error survives multiprocessing.
+    return (ClipError, (self.path, self.reason, self.detail))
 
 
 @dataclass
 class Clip:
-    frames: np.ndarray  # (num_frames, S, S, 3) uint8
-    waveform: np.ndarray  # (N,) float32 in [-1, 1], mono at sample_rate
-    duration: float  # seconds of audio decoded
+  frames: np.ndarray  # (num_frames, S, S, 3) uint8
+  waveform: np.ndarray  # (N,) float32 in [-1, 1], mono at sample_rate
+  duration: float  # seconds of audio decoded
 
 
 # ---------------------------------------------------------------- helpers
 
 
 def _open(path):
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ClipError(path, "missing_file", "no such file")
-    try:
-        return av.open(path, metadata_errors="ignore")
-    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
-        raise ClipError(path, "unreadable", f"cannot open: {e}") from None
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ClipError(path, "missing_file", "no such file")
+  try:
+    return av.open(path, metadata_errors="ignore")
+  except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
+    raise ClipError(path, "unreadable", f"cannot open: {e}") from None
 
 
 def _pick_stream(streams):
-    """First default-disposition stream, else the first; skips cover art and
-    streams FFmpeg has no decoder for."""
-    cands = [s for s in streams if s.codec_context is not None
-             and not (s.disposition & av.stream.Disposition.attached_pic)]
-    if not cands:
-        return None
-    for s in cands:
-        if s.disposition & av.stream.Disposition.default:
-            return s
-    return cands[0]
+  """First default-disposition stream, else the first; skips cover art and
+  streams FFmpeg has no decoder for."""
+  cands = [s for s in streams if s.codec_context is not None
+           and not (s.disposition & av.stream.Disposition.attached_pic)]
+  if not cands:
+    return None
+  for s in cands:
+    if s.disposition & av.stream.Disposition.default:
+      return s
+  return cands[0]
 
 
 def _streams(container, path, want_video, want_audio):
-    vs = _pick_stream(container.streams.video)
-    as_ = _pick_stream(container.streams.audio)
-    if vs is None and as_ is None:
-        raise ClipError(path, "unreadable", "no audio or video stream")
-    if want_video and vs is None:
-        raise ClipError(path, "no_video", "no video stream")
-    if want_audio and as_ is None:
-        raise ClipError(path, "no_audio", "no audio stream")
-    if want_video:
-        vs.thread_type = "AUTO"
-    else:
-        vs = None
-    if want_audio:
-        as_.thread_type = "AUTO"
-    else:
-        as_ = None
-    return vs, as_
+  vs = _pick_stream(container.streams.video)
+  as_ = _pick_stream(container.streams.audio)
+  if vs is None and as_ is None:
+    raise ClipError(path, "unreadable", "no audio or video stream")
+  if want_video and vs is None:
+    raise ClipError(path, "no_video", "no video stream")
+  if want_audio and as_ is None:
+    raise ClipError(path, "no_audio", "no audio stream")
+  if want_video:
+    vs.thread_type = "AUTO"
+  else:
+    vs = None
+  if want_audio:
+    as_.thread_type = "AUTO"
+  else:
+    as_ = None
+  return vs, as_
 
 
 def _frame_rate(vs):
-    for r in (vs.average_rate, vs.guessed_rate, vs.base_rate):
-        if r and float(r) > 0:
-            return float(r)
-    return None
+  for r in (vs.average_rate, vs.guessed_rate, vs.base_rate):
+    if r and float(r) > 0:
+      return float(r)
+  return None
 
 
 def _estimate_total(container, vs, max_seconds):
-    """Best guess of the frame count in the first max_seconds (None = unknown)."""
-    rate = _frame_rate(vs)
-    dur = None
-    if vs.duration and vs.time_base:
-        dur = float(vs.duration * vs.time_base)
-    elif container.duration:
-        dur = container.duration / av.time_base
-    if vs.frames and dur and dur <= max_seconds:
-        return int(vs.frames)
-    if rate is None or dur is None:
-        return None
-    return max(1, int(round(min(dur, max_seconds) * rate)))
+  """Best guess of the frame count in the first max_seconds (None = unknown)."""
+  rate = _frame_rate(vs)
+  dur = None
+  if vs.duration and vs.time_base:
+    dur = float(vs.duration * vs.time_base)
+  elif container.duration:
+    dur = container.duration / av.time_base
+  if vs.frames and dur and dur <= max_seconds:
+    return int(vs.frames)
+  if rate is None or dur is None:
+    return None
+  return max(1, int(round(min(dur, max_seconds) * rate)))
 
 
 def frame_indices(total: int, num_frames: int) -> list[int]:
-    """Uniform frame sampling rule shared by all decoders."""
-    return [int(i * total / num_frames) for i in range(num_frames)]
+  """Uniform frame sampling rule shared by all decoders."""
+  return [int(i * total / num_frames) for i in range(num_frames)]
 
 
 def _candidate_indices(est, num_frames):
-    lo, hi = max(1, est - _ESTIMATE_SLACK), est + _ESTIMATE_SLACK
-    return {i for t in range(lo, hi + 1) for i in frame_indices(t, num_frames)}
+  lo, hi = max(1, est - _ESTIMATE_SLACK), est + _ESTIMATE_SLACK
+  return {i for t in range(lo, hi + 1) for i in frame_indices(t, num_frames)}
 
 
 class _VideoSampler:
-    """Counts frames inside the time span and keeps the ones that may be needed."""
+  """Counts frames inside the time span and keeps the ones that may be needed."""
 
-    def __init__(self, vs, max_seconds, keep):
-        self.rate = _frame_rate(vs) or 30.0
-        self.max_seconds = max_seconds
-        self.keep = keep  # set of indices, or None to keep every frame
-        self.kept = {}
-        self.total = 0
-        self.origin = None
-        self.done = False
+  def __init__(self, vs, max_seconds, keep):
+    self.rate = _frame_rate(vs) or 30.0
+    self.max_seconds = max_seconds
+    self.keep = keep  # set of indices, or None to keep every frame
+    self.kept = {}
+    self.total = 0
+    self.origin = None
+    self.done = False
 
-    def add(self, frame):
-        t = frame.time
-        if t is None:  # no timestamps: assume a constant rate
-            t = self.total / self.rate
-        if self.origin is None:
-            self.origin = t
-        if t - self.origin >= self.max_seconds - _TIME_EPS:
-            self.done = True
-            return
-        if self.keep is None or self.total in self.keep:
-            self.kept[self.total] = frame
-        self.total += 1
+  def add(self, frame):
+    t = frame.time
+    if t is None:  # no timestamps: assume a constant rate
+      t = self.total / self.rate
+    if self.origin is None:
+      self.origin = t
+    if t - self.origin >= self.max_seconds - _TIME_EPS:
+      self.done = True
+      return
+    if self.keep is None or self.total in self.keep:
+      self.kept[self.total] = frame
+    self.total += 1
 
 
 class _AudioCollector:
-    def __init__(self, sample_rate, max_seconds):
-        self.sample_rate = sample_rate
-        self.max_samples = int(round(max_seconds * sample_rate))
-        self.resampler = None
-        self.chunks = []
-        self.n = 0
-        self.done = False
+  def __init__(self, sample_rate, max_seconds):
+    self.sample_rate = sample_rate
+    self.max_samples = int(round(max_seconds * sample_rate))
+    self.resampler = None
+    self.chunks = []
+    self.n = 0
+    self.done = False
 
-    def _new_resampler(self):
-        return av.AudioResampler(format="flt", layout="mono", rate=self.sample_rate)
+  def _new_resampler(self):
+    return av.AudioResampler(format="flt", layout="mono", rate=self.sample_rate)
 
-    def _take(self, frames):
-        for f in frames:
-            if f is None:  # passthrough resampler echoes the flush sentinel
-                continue
-            a = f.to_ndarray().reshape(-1)
-            self.chunks.append(a)
-            self.n += a.shape[0]
-        if self.n >= self.max_samples:
-            self.done = True
+  def _take(self, frames):
+    for f in frames:
+      if f is None:  # passthrough resampler echoes the flush sentinel
+        continue
+      a = f.to_ndarray().reshape(-1)
+      self.chunks.append(a)
+      self.n += a.shape[0]
+    if self.n >= self.max_samples:
+      self.done = True
 
-    def add(self, frame):
-        if self.resampler is None:
-            self.resampler = self._new_resampler()
-        try:
-            out = self.resampler.resample(frame)
-        except ValueError:  # format/layout/rate changed mid-stream
-            self._take(self.resampler.resample(None))
-            self.resampler = self._new_resampler()
-            out = self.resampler.resample(frame)
-        self._take(out)
+  def add(self, frame):
+    if self.resampler is None:
+      self.resampler = self._new_resampler()
+    try:
+      out = self.resampler.resample(frame)
+    except ValueError:  # format/layout/rate changed mid-stream
+      self._take(self.resampler.resample(None))
+      self.resampler = self._new_resampler()
+      out = self.resampler.resample(frame)
+    self._take(out)
 
-    def finish(self):
-        if self.resampler is not None and not self.done:
-            self._take(self.resampler.resample(None))
-        if not self.chunks:
-            return np.zeros(0, np.float32)
-        w = np.concatenate(self.chunks)[: self.max_samples].astype(np.float32, copy=False)
-        # Downmix of loud stereo/5.1 can exceed full scale.
-        return np.clip(w, -1.0, 1.0)
+  def finish(self):
+    if self.resampler is not None and not self.done:
+      self._take(self.resampler.resample(None))
+    if not self.chunks:
+      return np.zeros(0, np.float32)
+    w = np.concatenate(self.chunks)[: self.max_samples].astype(np.float32, copy=False)
+    # Downmix of loud stereo/5.1 can exceed full scale.
+    return np.clip(w, -1.0, 1.0)
 
 
 def _decode_packet(stream, packet):
-    try:
-        return stream.codec_context.decode(packet)
-    except (av.FFmpegError, ValueError):  # damaged packet: skip it
-        return []
+  try:
+    return stream.codec_context.decode(packet)
+  except (av.FFmpegError, ValueError):  # damaged packet: skip it
+    return []
 
 
 def _run(container, vs, as_, sampler, audio):
-    """One demux pass over the wanted streams, stopping once both are done."""
-    sinks = {s: k for s, k in ((vs, sampler), (as_, audio)) if s is not None}
+  """One demux pass over the wanted streams, stopping once both are done."""
+  sinks = {s: k for s, k in ((vs, sampler), (as_, audio)) if s is not None}
 
-    def feed(stream, packet):
-        sink = sinks[stream]
-        for f in _decode_packet(stream, packet):
-            sink.add(f)
-            if sink.done:
-                break
+  def feed(stream, packet):
+    sink = sinks[stream]
+    for f in _decode_packet(stream, packet):
+      sink.add(f)
+      if sink.done:
+        break
 
-    try:
-        for packet in container.demux(*sinks):
-            # PyAV treats an empty packet as end-of-stream and then refuses all
-            # later packets, but some demuxers (ogg/theora) emit empty packets
-            # mid-stream for repeated frames: skip them and flush explicitly.
-            if packet.size == 0:
-                continue
-            if not sinks[packet.stream].done:
-                feed(packet.stream, packet)
-            if all(k.done for k in sinks.values()):
-                return
-    except (av.FFmpegError, EOFError, ValueError):
-        pass  # truncated/corrupt container: keep whatever decoded so far
-    for stream, sink in sinks.items():
-        if not sink.done:
-            feed(stream, None)  # drain frames buffered in the decoder
+  try:
+    for packet in container.demux(*sinks):
+      # PyAV treats an empty packet as end-of-stream and then refuses all
+      # later packets, but some demuxers (ogg/theora) emit empty packets
+      # mid-stream for repeated frames: skip them and flush explicitly.
+      if packet.size == 0:
+        continue
+      if not sinks[packet.stream].done:
+        feed(packet.stream, packet)
+      if all(k.done for k in sinks.values()):
+        return
+  except (av.FFmpegError, EOFError, ValueError):
+    pass  # truncated/corrupt container: keep whatever decoded so far
+  for stream, sink in sinks.items():
+    if not sink.done:
+      feed(stream, None)  # drain frames buffered in the decoder
 
 
 def _to_square(frame, image_size):
-    """Resize short side to image_size (bilinear, antialiased) + centre crop."""
-    img = frame.to_image()  # RGB PIL image
-    w, h = img.size
-    scale = image_size / min(w, h)
-    nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - image_size) // 2, (nh - image_size) // 2
-    img = img.crop((left, top, left + image_size, top + image_size))
-    return np.asarray(img, dtype=np.uint8)
+  """Resize short side to image_size (bilinear, antialiased) + centre crop."""
+  img = frame.to_image()  # RGB PIL image
+  w, h = img.size
+  scale = image_size / min(w, h)
+  nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+  img = img.resize((nw, nh), Image.BILINEAR)
+  left, top = (nw - image_size) // 2, (nh - image_size) // 2
+  img = img.crop((left, top, left + image_size, top + image_size))
+  return np.asarray(img, dtype=np.uint8)
 
 
 def _second_pass(path, indices, max_seconds):
-    """Re-decode video only, keeping exactly `indices` (estimate was off)."""
-    with _open(path) as c:
-        vs, _ = _streams(c, path, True, False)
-        sampler = _VideoSampler(vs, max_seconds, set(indices))
-        _run(c, vs, None, sampler, None)
-    return sampler
+  """Re-decode video only, keeping exactly `indices` (estimate was off)."""
+  with _open(path) as c:
+    vs, _ = _streams(c, path, True, False)
+    sampler = _VideoSampler(vs, max_seconds, set(indices))
+    _run(c, vs, None, sampler, None)
+  return sampler
 
 
 def _decode(path, num_frames, image_size, sample_rate, max_seconds, want_video, want_audio):
-    path = os.fspath(path)
-    if num_frames < 1 or image_size < 1 or sample_rate < 1 or max_seconds <= 0:
-        raise ValueError("num_frames, image_size, sample_rate, max_seconds must be positive")
-    with _open(path) as c:
-        vs, as_ = _streams(c, path, want_video, want_audio)
-        sampler = audio = None
-        if vs is not None:
-            est = _estimate_total(c, vs, max_seconds)
-            keep = None if est is None else _candidate_indices(est, num_frames)
-            sampler = _VideoSampler(vs, max_seconds, keep)
-        if as_ is not None:
-            audio = _AudioCollector(sample_rate, max_seconds)
-        _run(c, vs, as_, sampler, audio)
-        wave = audio.finish() if audio is not None else None
+  path = os.fspath(path)
+  if num_frames < 1 or image_size < 1 or sample_rate < 1 or max_seconds <= 0:
+    raise ValueError("num_frames, image_size, sample_rate, max_seconds must be positive")
+  with _open(path) as c:
+    vs, as_ = _streams(c, path, want_video, want_audio)
+    sampler = audio = None
+    if vs is not None:
+      est = _estimate_total(c, vs, max_seconds)
+      keep = None if est is None else _candidate_indices(est, num_frames)
+      sampler = _VideoSampler(vs, max_seconds, keep)
+    if as_ is not None:
+      audio = _AudioCollector(sample_rate, max_seconds)
+    _run(c, vs, as_, sampler, audio)
+    wave = audio.finish() if audio is not None else None
 
-        frames = None
-        if sampler is not None:
-            if sampler.total == 0 and (wave is None or wave.size == 0):
-                raise ClipError(path, "unreadable", "nothing could be decoded")
-            if sampler.total == 0:
-                raise ClipError(path, "no_frames", "video stream has no decodable frame")
-            idx = frame_indices(sampler.total, num_frames)
-            if any(i not in sampler.kept for i in idx):
-                sampler = _second_pass(path, idx, max_seconds)
-                if not sampler.kept:
-                    raise ClipError(path, "no_frames", "no frame decoded on second pass")
-                # Some decoders (e.g. theora with frame threads on a damaged
-                # stream) are not repeatable: fall back to the nearest frame.
-                have = np.array(sorted(sampler.kept))
-                idx = [int(have[np.abs(have - i).argmin()]) for i in idx]
-            frames = np.stack([_to_square(sampler.kept[i], image_size) for i in idx])
+    frames = None
+    if sampler is not None:
+      if sampler.total == 0 and (wave is None or wave.size == 0):
+        raise ClipError(path, "unreadable", "nothing could be decoded")
+      if sampler.total == 0:
+        raise ClipError(path, "no_frames", "video stream has no decodable frame")
+      idx = frame_indices(sampler.total, num_frames)
+      if any(i not in sampler.kept for i in idx):
+        sampler = _second_pass(path, idx, max_seconds)
+        if not sampler.kept:
+          raise ClipError(path, "no_frames", "no frame decoded on second pass")
+        # Some decoders (e.g. theora with frame threads on a damaged
+        # stream) are not repeatable: fall back to the nearest frame.
+        have = np.array(sorted(sampler.kept))
+        idx = [int(have[np.abs(have - i).argmin()]) for i in idx]
+      frames = np.stack([_to_square(sampler.kept[i], image_size) for i in idx])
 
-    if wave is not None:
-        if wave.size == 0 and frames is None:
-            raise ClipError(path, "unreadable", "nothing could be decoded")
-        if wave.size < MIN_AUDIO_SECONDS * sample_rate:
-            raise ClipError(path, "audio_too_short",
-                            f"{wave.size / sample_rate:.3f} s of audio < {MIN_AUDIO_SECONDS} s")
-        if float(np.max(np.abs(wave))) < SILENCE_THRESHOLD:
-            raise ClipError(path, "silent_audio", f"max |sample| < {SILENCE_THRESHOLD}")
-    return frames, wave
+  if wave is not None:
+    if wave.size == 0 and frames is None:
+      raise ClipError(path, "unreadable", "nothing could be decoded")
+    if wave.size < MIN_AUDIO_SECONDS * sample_rate:
+      raise ClipError(path, "audio_too_short",
+                      f"{wave.size / sample_rate:.3f} s of audio < {MIN_AUDIO_SECONDS} s")
+    if float(np.max(np.abs(wave))) < SILENCE_THRESHOLD:
+      raise ClipError(path, "silent_audio", f"max |sample| < {SILENCE_THRESHOLD}")
+  return frames, wave
 
 
 # ---------------------------------------------------------------- public API
@@ -321,33 +321,33 @@ def _decode(path, num_frames, image_size, sample_rate, max_seconds, want_video, 
 
 def decode_clip(path, num_frames: int = 10, image_size: int = 224,
                 sample_rate: int = 16000, max_seconds: float = 10.0) -> Clip:
-    """Frames + audio of a video file; raises ClipError if either is unusable."""
-    frames, wave = _decode(path, num_frames, image_size, sample_rate, max_seconds, True, True)
-    return Clip(frames=frames, waveform=wave, duration=wave.size / sample_rate)
+  """Frames + audio of a video file; raises ClipError if either is unusable."""
+  frames, wave = _decode(path, num_frames, image_size, sample_rate, max_seconds, True, True)
+  return Clip(frames=frames, waveform=wave, duration=wave.size / sample_rate)
 
 
 def decode_frames(path, num_frames: int = 10, image_size: int = 224,
                   max_seconds: float = 10.0) -> np.ndarray:
-    """(num_frames, S, S, 3) uint8 frames; the audio track is ignored."""
-    frames, _ = _decode(path, num_frames, image_size, 16000, max_seconds, True, False)
-    return frames
+  """(num_frames, S, S, 3) uint8 frames; the audio track is ignored."""
+  frames, _ = _decode(path, num_frames, image_size, 16000, max_seconds, True, False)
+  return frames
 
 
 def decode_audio(path, sample_rate: int = 16000, max_seconds: float = 10.0) -> np.ndarray:
-    """(N,) float32 mono waveform; the video track (if any) is ignored."""
-    _, wave = _decode(path, 1, 1, sample_rate, max_seconds, False, True)
-    return wave
+  """(N,) float32 mono waveform; the video track (if any) is ignored."""
+  _, wave = _decode(path, 1, 1, sample_rate, max_seconds, False, True)
+  return wave
 
 
 def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
-    frame = np.asarray(frame)
-    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-        raise ValueError(f"expected (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
-    buf = io.BytesIO()
-    Image.fromarray(frame, "RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+  frame = np.asarray(frame)
+  if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+    raise ValueError(f"expected (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
+  buf = io.BytesIO()
+  Image.fromarray(frame, "RGB").save(buf, format="JPEG", quality=quality)
+  return buf.getvalue()
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+  with Image.open(io.BytesIO(data)) as img:
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)

@@ -40,10 +40,10 @@ import numpy as np
 from avsiam_jax.data import augment
 from avsiam_jax.data import fbank as fbank_lib
 from avsiam_jax.data import records
+from avsiam_jax.data.records import NUM_FRAMES, NUM_MEL_BINS
 
 Batch = dict[str, np.ndarray]
 
-NUM_FRAMES = 10
 _STATE_VERSION = 1
 # Seed tags: keep the streams of different random uses apart.
 _TAG_SHUFFLE, _TAG_BALANCED, _TAG_PRETRAIN, _TAG_FINETUNE = 1, 2, 3, 4
@@ -162,7 +162,7 @@ def _load(source, index: int) -> dict[str, Any]:
 
 def _audio(ex: dict[str, Any], frames: int) -> np.ndarray:
   fbank = ex["fbank"]
-  if fbank.ndim != 2 or fbank.shape[1] != augment.NUM_MEL_BINS:
+  if fbank.ndim != 2 or fbank.shape[1] != NUM_MEL_BINS:
     raise ValueError(f"clip {ex['id']!r}: fbank shape {fbank.shape}, want (T, 128)")
   return augment.pad_or_cut(fbank, frames)
 
@@ -175,6 +175,24 @@ def _num_frames(ex: dict[str, Any]) -> int:
 
 def _frame(ex: dict[str, Any], t: int, image_size: int) -> np.ndarray:
   return augment.decode_frame(ex["frames"][t], image_size)
+
+
+# The eval transforms of one stored example: the one definition that the eval pipeline and
+# inference (clips.py) share, so a prediction sees a file as evaluation sees its record.
+
+def eval_audio(ex: dict[str, Any], frames: int) -> np.ndarray:
+  """(frames, NUM_MEL_BINS) float32: ex["fbank"] padded or cut to `frames`, normalized."""
+  return fbank_lib.normalize(_audio(ex, frames))
+
+
+def eval_video(ex: dict[str, Any], image_size: int) -> np.ndarray:
+  """(NUM_FRAMES, S, S, 3) float32: every frame of ex["frames"] at `image_size`, normalized."""
+  if len(ex["frames"]) != NUM_FRAMES:
+    raise ValueError(f"clip {ex['id']!r} has {len(ex['frames'])} frames, want {NUM_FRAMES}")
+  video = np.empty((NUM_FRAMES, image_size, image_size, 3), np.float32)
+  for t in range(NUM_FRAMES):
+    augment.normalize_image(_frame(ex, t, image_size), out=video[t])
+  return video
 
 
 class _PretrainExample:
@@ -245,18 +263,13 @@ class _EvalExample:
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     s = self.image_size
     if index < 0:
-      return {"audio": np.zeros((self.audio_frames, augment.NUM_MEL_BINS), np.float32),
+      return {"audio": np.zeros((self.audio_frames, NUM_MEL_BINS), np.float32),
               "video": np.zeros((NUM_FRAMES, s, s, 3), np.float32),
               "labels": np.zeros((self.num_classes,), np.float32),
               "mask": np.bool_(False), "index": np.int32(-1)}
     ex = _load(self.source, index)
-    if len(ex["frames"]) != NUM_FRAMES:
-      raise ValueError(f"clip {ex['id']!r} has {len(ex['frames'])} frames, want {NUM_FRAMES}")
-    video = np.empty((NUM_FRAMES, s, s, 3), np.float32)
-    for t in range(NUM_FRAMES):
-      augment.normalize_image(_frame(ex, t, s), out=video[t])
-    return {"audio": fbank_lib.normalize(_audio(ex, self.audio_frames)),
-            "video": video,
+    return {"audio": eval_audio(ex, self.audio_frames),
+            "video": eval_video(ex, s),
             "labels": augment.multi_hot(ex["labels"], self.num_classes),
             "mask": np.bool_(True), "index": np.int32(index)}
 
@@ -319,11 +332,6 @@ class PipelineIterator(grain.DatasetIterator):
     next_batch = self._restore_fn(state)
     self._close_inner()
     self._next_batch = next_batch
-
-  def start_prefetch(self) -> None:
-    if self._it is None:
-      self._open()
-    self._it.start_prefetch()
 
   def _close_inner(self):
     if self._it is not None:

@@ -4,10 +4,11 @@ Layout of a dataset directory:
   dataset_info.json                        label names/ids and, per split, its shard files
   <split>-00000-of-00004.array_record      one record per clip
 
-A record is a msgpack map:
+A record is a msgpack map (examples.py makes it from a clip's media):
   id:     str
-  frames: list of JPEG bytes (10 frames, 224x224 RGB)
-  fbank:  float16 array (T <= 1024, 128), raw log-mel (not normalized)
+  frames: list of JPEG bytes (NUM_FRAMES = 10 frames, FRAME_SIZE = 224 px square, RGB)
+  fbank:  float16 array (T, NUM_MEL_BINS = 128), raw log-mel (not normalized) of the first
+          MAX_SECONDS = 10 s of SAMPLE_RATE = 16 kHz mono audio; T <= max_frames (dataset_info)
   labels: int32 array of class indices (possibly empty)
 Arrays travel as {"dtype", "shape", "data"} so the format needs nothing but msgpack.
 """
@@ -21,7 +22,14 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
+# The fbank's own settings are the record's: one definition, in fbank.py.
+from avsiam_jax.data.fbank import NUM_MEL_BINS, SAMPLE_RATE
+
 FORMAT_VERSION = 1
+NUM_FRAMES = 10  # frames per clip
+FRAME_SIZE = 224  # stored frames are FRAME_SIZE x FRAME_SIZE
+MAX_SECONDS = 10.0  # audio and video kept from the start of a clip
+MAX_FBANK_FRAMES = 1024  # default cap on stored fbank frames (10 s give 998)
 INFO_FILE = "dataset_info.json"
 _ARRAY_KEY = "__ndarray__"
 
@@ -64,11 +72,20 @@ def write_shard(path: str, examples: Iterable[dict[str, Any]]) -> int:
   return n
 
 
+def format_info(max_frames: int) -> dict[str, Any]:
+  """The "fbank" and "frames" entries of dataset_info.json: how the records were made."""
+  return {
+      "fbank": {"sample_rate": SAMPLE_RATE, "num_mel_bins": NUM_MEL_BINS,
+                "max_frames": max_frames, "max_seconds": MAX_SECONDS, "dtype": "float16"},
+      "frames": {"num": NUM_FRAMES, "size": FRAME_SIZE, "format": "jpeg"},
+  }
+
+
 def read_info(dataset_dir: str) -> dict[str, Any]:
   path = os.path.join(dataset_dir, INFO_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f"{path} not found: {dataset_dir!r} is not a dataset built by data_prep.build")
+        f"{path} not found: {dataset_dir!r} is not a dataset built by `python -m data_prep.build`")
   with open(path) as f:
     info = json.load(f)
   if info.get("format_version") != FORMAT_VERSION:

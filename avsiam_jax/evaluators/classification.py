@@ -1,13 +1,14 @@
 """Clip-level classification metrics: mAP, ROC AUC, d-prime, top-1; frame aggregation.
 
 AP and AUC follow sklearn's definitions (tied scores form one threshold) but are computed here
-in numpy, all classes at once, so sklearn stays a test-only dependency.
+in numpy, all classes at once; d-prime uses scipy's normal quantile.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+from scipy.stats import norm
 
 
 def _as_2d(scores_NxC, targets_NxC):
@@ -89,45 +90,9 @@ def mean_auc(scores_NxC, targets_NxC) -> float:
   return float(np.nanmean(auc)) if np.isfinite(auc).any() else math.nan
 
 
-def _norm_ppf(p):
-  try:
-    from scipy.stats import norm
-    return norm.ppf(p)
-  except ImportError:  # scipy ships with scikit-learn, but the metric should not need it
-    return _ppf_acklam(p)
-
-
-def _ppf_acklam(p):
-  """Acklam's rational approximation of the normal quantile (relative error < 1.2e-9)."""
-  p = np.asarray(p, np.float64)
-  a = (-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
-       1.383577518672690e+02, -3.066479806614716e+01, 2.506628277459239e+00)
-  b = (-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
-       6.680131188771972e+01, -1.328068155288572e+01)
-  c = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
-       -2.549732539343734e+00, 4.374664141464968e+00, 2.938163982698783e+00)
-  d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
-       3.754408661907416e+00)
-
-  def tail(q):
-    return (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) / \
-        ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1)
-
-  with np.errstate(invalid="ignore", divide="ignore"):
-    q = p - 0.5
-    r = q * q
-    mid = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q / \
-        (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1)
-    lo = tail(np.sqrt(-2 * np.log(p)))
-    hi = -tail(np.sqrt(-2 * np.log1p(-p)))
-  x = np.where(p < 0.02425, lo, np.where(p > 1 - 0.02425, hi, mid))
-  x = np.where(p == 0, -np.inf, np.where(p == 1, np.inf, x))
-  return np.where((p < 0) | (p > 1) | np.isnan(p), np.nan, x)
-
-
 def d_prime(auc):
   """sqrt(2) * Phi^-1(AUC): the separation of two unit normals that yields this AUC."""
-  out = math.sqrt(2.0) * np.asarray(_norm_ppf(auc), np.float64)
+  out = math.sqrt(2.0) * np.asarray(norm.ppf(auc), np.float64)
   return float(out) if out.ndim == 0 else out
 
 

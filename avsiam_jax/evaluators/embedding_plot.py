@@ -1,25 +1,22 @@
 """t-SNE of audio and visual embeddings, drawn per class into a PNG (cf. the paper's Figure 4).
 
-The t-SNE is exact (every pair contributes to every gradient), in numpy and float64. The O(N^2)
-work per step runs over blocks of pairs small enough to stay in cache and avoids threaded BLAS
-(matrix products with 3 columns): on a busy or many-core machine thread handoffs cost more than
-the arithmetic.
+The t-SNE is scikit-learn's (Barnes-Hut, O(N log N) per step), started from the top principal
+components with a fixed random_state, so a seed always gives the same map. It runs on one thread:
+its steps are short, and on a busy or many-core machine thread handoffs cost more than they save
+(200 points: under a second on one thread, several times that on two threads of a loaded
+two-core machine).
 """
 from __future__ import annotations
 
 import colorsys
-import math
 from collections import Counter
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
 
-_EXAGGERATION = 12.0
-_BLOCK_BYTES = 1 << 20  # one block of float64 pair values; small enough to stay in cache
-
-
-def _block_rows(n):
-  return max(8, _BLOCK_BYTES // (8 * max(n, 1)))
+_MIN_ITERATIONS = 250  # scikit-learn's lower bound on max_iter
 
 
 def _check_matrix(x, name):
@@ -35,204 +32,33 @@ def _check_matrix(x, name):
 
 
 def _effective_perplexity(perplexity, n):
-  # A point has n - 1 neighbours; a perplexity near that leaves nothing to choose between.
+  # A point has n - 1 neighbours; a perplexity near that leaves nothing to choose between
+  # (scikit-learn also needs it below n).
   return float(min(perplexity, max(1.0, (n - 1) / 3.0)))
 
 
-def _conditional_rows(d2, target_h, tol=1e-5, max_steps=100):
-  """p(j|i) for a block of rows of squared distances (self already set to +inf).
-
-  Safeguarded Newton on log(beta) per row: dH/dlog(beta) = -beta^2 Var_p(d), bracketed so
-  that a bad step falls back to bisection.
-  """
-  d = d2 - np.min(d2, axis=1, keepdims=True)  # shift per row: p is unchanged, exp won't underflow
-  self_mask = ~np.isfinite(d)
-  d[self_mask] = 0.0
-  rows = len(d)
-  # First guess: beta = 1 / (shifted distance to about the perplexity-th neighbour).
-  k = min(max(int(round(math.exp(target_h))), 1), d.shape[1] - 1)
-  t = -np.log(np.maximum(np.partition(d, k, axis=1)[:, k], 1e-300))  # t = log(beta)
-  lo = np.full(rows, -np.inf)
-  hi = np.full(rows, np.inf)
-  active = np.arange(rows)
-  p = np.empty_like(d)
-  for _ in range(max_steps):
-    da = d[active]
-    beta = np.exp(t[active])
-    e = np.exp(-da * beta[:, None])
-    e[self_mask[active]] = 0.0
-    s = e.sum(1)
-    e /= s[:, None]
-    mean = np.einsum("ij,ij->i", e, da)
-    var = np.maximum(np.einsum("ij,ij->i", e, da * da) - mean * mean, 0.0)
-    h = np.log(s) + beta * mean
-    p[active] = e
-    err = h - target_h
-    done = np.abs(err) < tol
-    # Entropy falls as beta grows: too high -> beta is a lower bound, and vice versa.
-    ta = t[active]
-    lo[active] = np.where(err > 0, ta, lo[active])
-    hi[active] = np.where(err <= 0, ta, hi[active])
-    slope = beta * beta * var
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-      step = ta + np.clip(err / slope, -2.0, 2.0)  # far from the root H is nearly flat
-    la, ha = lo[active], hi[active]
-    inside = np.isfinite(step) & (step > la) & (step < ha)
-    bisect = np.where(np.isfinite(la) & np.isfinite(ha), 0.5 * (la + ha),
-                      np.where(np.isfinite(la), la + 1.0, ha - 1.0))
-    t[active] = np.where(inside, step, bisect)
-    active = active[~done]
-    if len(active) == 0:
-      break
-  return p
-
-
-def joint_probabilities(x_NxD, perplexity=30.0):
-  """Symmetric t-SNE input affinities P (N, N), summing to 1, zero diagonal."""
-  x = _check_matrix(x_NxD, "x")
-  n = len(x)
-  if n < 2:
-    raise ValueError(f"t-SNE needs at least 2 points, got {n}")
-  target_h = math.log(_effective_perplexity(perplexity, n))
-  sq = np.einsum("ij,ij->i", x, x)
-  cond = np.empty((n, n))
-  rows = 256  # distance blocks big enough for an efficient matrix product
-  for s in range(0, n, rows):
-    e = min(n, s + rows)
-    d2 = sq[s:e, None] + sq[None, :] - 2.0 * (x[s:e] @ x.T)
-    np.maximum(d2, 0.0, out=d2)
-    d2[np.arange(e - s), np.arange(s, e)] = np.inf
-    cond[s:e] = _conditional_rows(d2, target_h)
-  p = cond + cond.T
-  p /= p.sum()
-  return p
-
-
-def _pca_init(x, seed):
-  xc = x - x.mean(0)
-  # Eigenvectors of the smaller Gram/covariance matrix give the top two directions.
-  if xc.shape[1] <= xc.shape[0]:
-    w, v = np.linalg.eigh(xc.T @ xc)
-    y = xc @ v[:, ::-1][:, :2]
-  else:
-    w, v = np.linalg.eigh(xc @ xc.T)
-    y = v[:, ::-1][:, :2] * np.sqrt(np.maximum(w[::-1][:2], 0.0))
-  if y.shape[1] < 2:
-    y = np.pad(y, ((0, 0), (0, 2 - y.shape[1])))
-  # Eigenvector signs are arbitrary: fix them so the layout doesn't flip between machines.
-  flip = np.sign(y[np.argmax(np.abs(y), axis=0), [0, 1]])
-  y = y * np.where(flip == 0, 1.0, flip)
-  scale = np.std(y[:, 0])
-  y = y / scale * 1e-4 if scale > 1e-12 else np.zeros_like(y)
-  # Tiny seeded jitter: separates points PCA puts on a line or on top of each other.
-  y += np.random.default_rng(seed).normal(scale=1e-6, size=y.shape)
-  return y
-
-
-def _gradient(p, y, exaggeration):
-  """KL gradient for layout y (N, 2).
-
-  grad_i = 4 sum_j (a p_ij - w_ij / Z) w_ij (y_i - y_j),  w_ij = 1 / (1 + |y_i - y_j|^2),
-  a = exaggeration, Z = sum over pairs of w. Each pair is computed once (blocks of rows,
-  columns from the block's first row on) and feeds both of its points through row and column
-  sums. Z is only known at the end, so the attractive (p w) and repulsive (w^2) sums are kept
-  apart.
-  """
-  n = len(y)
-  y0, y1 = np.ascontiguousarray(y[:, 0]), np.ascontiguousarray(y[:, 1])
-  basis = np.stack([np.ones(n), y0, y1])  # (3, N)
-  # [rep, attr] x [sum_j m_ij, sum_j m_ij y_j0, sum_j m_ij y_j1], m = w^2 and p w.
-  acc = np.zeros((2, 3, n))
-  z = 0.0
-  block = _BLOCK_BYTES // 8
-  buf = np.empty(2 * max(block, n))
-  s = 0
-  while s < n:
-    m = n - s
-    e = s + max(1, min(m, block // m))  # rows shrink with width, so blocks keep their size
-    c = e - s
-    pair = buf[:2 * c * m].reshape(2, c, m)
-    w, t = pair[0], pair[1]
-    np.subtract(y0[s:e, None], y0[None, s:], out=w)
-    np.multiply(w, w, out=w)
-    np.subtract(y1[s:e, None], y1[None, s:], out=t)
-    np.multiply(t, t, out=t)
-    w += t
-    w += 1.0
-    np.divide(1.0, w, out=w)
-    w[:, :c] = np.triu(w[:, :c], 1)  # pairs below the diagonal (and self) come elsewhere
-    z += w.sum()
-    np.multiply(p[s:e, s:], w, out=t)
-    np.multiply(w, w, out=w)
-    # Row sums: one dot product per contiguous row (short BLAS dots, not split over threads).
-    acc[:, :, s:e] += np.vecdot(pair[:, None], basis[None, :, None, s:])
-    # Column sums accumulate row by row.
-    acc[:, 0, s:] += pair.sum(1)
-    acc[:, 1, s:] += np.einsum("xij,i->xj", pair, y0[s:e])
-    acc[:, 2, s:] += np.einsum("xij,i->xj", pair, y1[s:e])
-    s = e
-  z = max(2.0 * z, 1e-300)
-  attr, rep = acc[1].T, acc[0].T
-  g = exaggeration * (attr[:, :1] * y - attr[:, 1:]) - (rep[:, :1] * y - rep[:, 1:]) / z
-  return 4.0 * g
-
-
-def kl_divergence(p_NxN, y_Nx2):
-  """KL(P || Q) of a layout, with Q the normalized Student-t kernel over its pairs."""
-  p = np.asarray(p_NxN, np.float64)
-  y = np.asarray(y_Nx2, np.float64)
-  n = len(y)
-  if y.shape != (n, 2) or p.shape != (n, n):
-    raise ValueError(f"need P (N, N) and a layout (N, 2), got {p.shape} and {y.shape}")
-  y0, y1 = y[:, 0], y[:, 1]
-  z = 0.0
-  cross = 0.0  # sum p_ij log(1 + d_ij^2) = -sum p_ij log w_ij
-  rows = _block_rows(n)
-  for s in range(0, n, rows):
-    e = min(n, s + rows)
-    d2 = (y0[s:e, None] - y0[None, :]) ** 2 + (y1[s:e, None] - y1[None, :]) ** 2
-    w = 1.0 / (1.0 + d2)
-    w[np.arange(e - s), np.arange(s, e)] = 0.0
-    z += w.sum()
-    cross += np.sum(p[s:e] * np.log1p(d2))
-  pos = p[p > 0]
-  return float(np.sum(pos * np.log(pos)) + cross + pos.sum() * math.log(z))
-
-
 def tsne(x_NxD, *, perplexity=30.0, iterations=1000, seed=0, return_kl=False):
-  """Exact t-SNE to 2-D. Returns y (N, 2), or (y, final KL divergence) with return_kl.
+  """t-SNE to 2-D. Returns y (N, 2), or (y, final KL divergence) with return_kl.
 
-  Gaussian input affinities with each point's bandwidth found for the perplexity (clamped to
-  (N - 1) / 3 for small N), Student-t output kernel, early exaggeration (x12) for the first
-  min(250, iterations / 4) steps, then gradient descent with momentum and per-parameter gains.
-  Starts from the top two principal components scaled to std 1e-4, so results are stable
-  and depend on the seed only through a tiny jitter. iterations=0 returns that start.
+  scikit-learn's TSNE with the perplexity clamped to (N - 1) / 3 for small N, started from the
+  top two principal components (random_state=seed), so a seed gives the same map every run.
+  iterations is scikit-learn's max_iter: at least 250.
   """
   x = _check_matrix(x_NxD, "x")
   n = len(x)
   if n < 2:
     raise ValueError(f"t-SNE needs at least 2 points, got {n}")
-  if iterations < 0:
-    raise ValueError(f"iterations must be >= 0, got {iterations}")
-  p = joint_probabilities(x, perplexity)
-  y = _pca_init(x, seed)
-  lr = max(n / _EXAGGERATION / 4.0, 50.0)
-  early = min(250, iterations // 4)
-  update = np.zeros_like(y)
-  gains = np.ones_like(y)
-  for it in range(iterations):
-    exaggerated = it < early
-    momentum = 0.5 if exaggerated else 0.8
-    grad = _gradient(p, y, _EXAGGERATION if exaggerated else 1.0)
-    # Per-coordinate gains grow while descent keeps its direction and shrink after an overshoot
-    # (the gradient then points the way the last step went).
-    same = np.sign(grad) == np.sign(update)
-    gains = np.maximum(np.where(same, gains * 0.8, gains + 0.2), 0.01)
-    update = momentum * update - lr * gains * grad
-    y = y + update
-    y -= y.mean(0)
+  if iterations < _MIN_ITERATIONS:
+    raise ValueError(f"iterations must be >= {_MIN_ITERATIONS}, got {iterations}")
+  # The PCA start needs two components, and divides by the spread: identical points would give
+  # NaN, which crashes the Barnes-Hut step. Those cases start from a seeded random layout.
+  pca = min(x.shape) >= 2 and np.ptp(x, axis=0).max() > 0
+  model = TSNE(n_components=2, perplexity=_effective_perplexity(perplexity, n),
+               init="pca" if pca else "random", max_iter=iterations, random_state=seed)
+  with threadpool_limits(limits=1):
+    y = model.fit_transform(x).astype(np.float64)
   if return_kl:
-    return y, kl_divergence(p, y)
+    return y, float(model.kl_divergence_)
   return y
 
 
@@ -299,9 +125,8 @@ def plot_embeddings(audio_NxD, video_NxD, labels_N, label_names, path, *, max_cl
   Keeps the clips whose label (int class id, -1 = none) is among the max_classes most frequent
   (ties to the lower id); with no labelled clip at all, every clip is drawn in grey. At most
   max_clips of those (a seeded random subset) go into one t-SNE over their audio and video rows,
-  so both modalities share one map; the t-SNE is exact, O(clips^2) in time and memory (the
-  default cap: about 30 s and 100 MB for P). Audio: filled circles; video: outlined triangles; one
-  colour per class. Returns path.
+  so both modalities share one map (the default cap: about 20 s). Audio: filled circles; video:
+  outlined triangles; one colour per class. Returns path.
   """
   audio = _check_matrix(audio_NxD, "audio embeddings")
   video = _check_matrix(video_NxD, "video embeddings")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
-from avsiam_jax.models.vit import Encoder, resize_posemb
+from avsiam_jax.models.vit import Encoder
 
 
 class AVSep(AVSiam):
@@ -23,9 +23,3 @@ class AVSep(AVSiam):
 
   def encoder_for(self, modality: str) -> Encoder:
     return self.audio_encoder if modality == "a" else self.encoder
-
-  def reset_audio_posemb(self) -> None:
-    super().reset_audio_posemb()
-    e = self.audio_encoder
-    e.audio_posemb[...] = resize_posemb(e.video_posemb[...], e.spec.video_grid,
-                                        e.spec.audio_grid, e.spec.audio_posemb_init)

@@ -8,8 +8,6 @@ patches.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +15,7 @@ from flax import nnx
 
 from avsiam_jax import losses, masking
 from avsiam_jax.models import layers
-from avsiam_jax.models.vit import Encoder, EncoderSpec, multimodal_blocks, resize_posemb
+from avsiam_jax.models.vit import Encoder, EncoderSpec, multimodal_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,56 +60,34 @@ class AVSiam(nnx.Module):
         "a": layers.Dense(dw, p * p, axes=(None, None), rngs=rngs, dtype=dtype),
         "v": layers.Dense(dw, p * p * 3, axes=(None, None), rngs=rngs, dtype=dtype)})
 
-  def reset_audio_posemb(self) -> None:
-    """Audio posemb as the configured resize of the video posemb (after loading image weights)."""
-    e = self.encoder
-    e.audio_posemb[...] = resize_posemb(e.video_posemb[...], e.spec.video_grid,
-                                        e.spec.audio_grid, e.spec.audio_posemb_init)
-
   def encoder_for(self, modality: str) -> Encoder:
     """The encoder of a modality: the same one for both (a separate-encoder baseline overrides)."""
     del modality
     return self.encoder
 
-  # ----- contrastive branch ---------------------------------------------------------------
-
-  def features(self, x, modality: str):
-    """Unmasked mean-pooled features (B, D), float32."""
-    return self.encoder_for(modality)(x, modality).astype(jnp.float32).mean(axis=1)
+  # ----- encoder passes (the contrastive branch composes these; see pretraining.py) ----------
 
   def num_tokens(self, modality: str) -> int:
     spec = self.encoder_for(modality).spec
     return spec.num_audio_tokens if modality == "a" else spec.num_video_tokens
 
-  def multi_ratio_features(self, x, modality: str, key, ratios: Sequence[float],
-                           batch_shards: int):
-    """Mean-pooled features (B, D) with each ratio group masked at its own ratio."""
-    perm, noise = masking.multi_ratio_masks(key, x.shape[0], self.num_tokens(modality), ratios,
-                                            batch_shards)
-    return masking.untake_groups(self.group_features(x, modality, perm, noise, ratios), perm)
-
-  def group_features(self, x, modality: str, perm_SxGxg, noise, ratios: Sequence[float]):
-    """Pooled features per ratio group, [(S * g, D)] in take_group order.
-
-    perm and noise as from masking.multi_ratio_masks, or one micro-batch's rows of them (then
-    x is still the full batch: each group gathers its rows from it).
-    """
+  def embed(self, x, modality: str):
+    """Patch tokens with position embeddings (B, N, D), before any block."""
     enc = self.encoder_for(modality)
-    n = self.num_tokens(modality)
-    embed = lambda x: enc.embed(enc.patches(x, modality), modality)
-    # The full batch is embedded in one call; a micro-batch embeds only its own examples.
-    full = math.prod(perm_SxGxg.shape) == x.shape[0]
-    tokens = embed(x) if full else None
-    pooled = []
-    for k, ratio in enumerate(ratios):
-      if full:
-        group = masking.take_group(tokens, perm_SxGxg, k)
-      else:
-        group = embed(masking.take_group(x, perm_SxGxg, k))
-      if noise[k] is not None:
-        group, _, _ = masking.keep_by_noise(noise[k], group, masking.kept_count(n, ratio))
-      pooled.append(enc.encode_tokens(group, modality).astype(jnp.float32).mean(axis=1))
-    return pooled
+    return enc.embed(enc.patches(x, modality), modality)
+
+  def encode(self, tokens_BxNxD, modality: str):
+    """The encoder's blocks and final norm over (possibly masked) tokens."""
+    return self.encoder_for(modality).encode_tokens(tokens_BxNxD, modality)
+
+  @staticmethod
+  def pool(tokens_BxNxD):
+    """Mean over tokens, float32: the feature the contrastive loss and retrieval compare."""
+    return tokens_BxNxD.astype(jnp.float32).mean(axis=1)
+
+  def features(self, x, modality: str):
+    """Unmasked pooled features (B, D), float32."""
+    return self.pool(self.encoder_for(modality)(x, modality))
 
   # ----- reconstruction branch ------------------------------------------------------------
 

@@ -13,13 +13,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from avsiam_jax import trees
 from avsiam_jax.models import layers
 from avsiam_jax.models.vit import Encoder, EncoderSpec, multimodal_blocks
 
 PRETRAINED = ("encoder", "mm_blocks")
+# The classifier's three inputs (the finetuning step draws one per step; predictions name one).
+AUDIO_VISUAL, AUDIO_ONLY, VISUAL_ONLY = "audio-visual", "audio-only", "visual-only"
+INPUTS = (AUDIO_VISUAL, AUDIO_ONLY, VISUAL_ONLY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,49 +100,26 @@ class AVSiamClassifier(nnx.Module):
     return f32(logits), f32(feats)
 
 
-def _flat(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flat(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
-def _shape(x):
-  return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)  # also jax.ShapeDtypeStruct
-
-
 def load_pretrained(params: dict, pretrain_params: dict) -> dict:
   """`params` with its `encoder` and `mm_blocks` subtrees taken from a pretraining AVSiam dict.
 
   Both are pure dicts (nnx.to_pure_dict of the nnx.Param state). Every classifier key under
-  those subtrees must exist in the pretraining dict with the same shape; the first key that
-  does not is named in the ValueError. Heads and anything else stay as given.
+  those subtrees must exist in the pretraining dict with the same shape, and nothing more (e.g.
+  a separate audio patch projection the classifier would silently drop); the first key that
+  differs is named in the ValueError. Heads and anything else stay as given.
   """
-  updates = []
   for name in PRETRAINED:
     if name not in params:
       raise ValueError(f"classifier params have no {name!r} subtree")
     if name not in pretrain_params:
       raise ValueError(f"pretrained params have no {name!r} subtree")
-    src = dict(_flat(pretrain_params[name], (name,)))
-    dst = dict(_flat(params[name], (name,)))
-    for path, value in dst.items():
-      key = "/".join(map(str, path))
-      if path not in src:
-        raise ValueError(f"pretrained params lack {key}")
-      if _shape(src[path]) != _shape(value):
-        raise ValueError(f"shape mismatch at {key}: pretrained {_shape(src[path])}, "
-                         f"classifier {_shape(value)}")
-      updates.append((path, src[path], value))
-    extra = sorted("/".join(map(str, p)) for p in src if p not in dst)
-    if extra:  # e.g. a separate audio patch projection the classifier would silently drop
-      raise ValueError(f"pretrained {name} has keys the classifier lacks, e.g. {extra[0]}")
+    trees.check_compatible({name: pretrain_params[name]}, {name: params[name]}, "params",
+                           what="pretrained", dtypes=False)
   # Write only after everything checked out.
-  out = jax.tree.map(lambda x: x, params)  # fresh containers; leaves are shared, not copied
-  for path, new, old in updates:
-    node = out
-    for k in path[:-1]:
-      node = node[k]
-    node[path[-1]] = jnp.asarray(new, dtype=jnp.result_type(old))
+  out = dict(params)
+  for name in PRETRAINED:
+    src = trees.flatten({name: pretrain_params[name]})
+    dst = {name: params[name]}
+    out[name] = trees.rebuild(dst, {k: jnp.asarray(src[k], dtype=jnp.result_type(v))
+                                    for k, v in trees.flatten(dst).items()})[name]
   return out

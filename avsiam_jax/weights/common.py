@@ -12,6 +12,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from avsiam_jax import trees
+
 
 class WeightError(ValueError):
   """A source file that does not fit the model: names the offending key."""
@@ -158,37 +160,12 @@ class Source:
 
 # ----- target bookkeeping -------------------------------------------------------------------
 
-def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-  """{key path tuple: leaf} of a nested pure dict (keys keep their types, e.g. int for lists)."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def path_str(path: tuple) -> str:
-  return "/".join(str(k) for k in path)
-
-
-def rebuild(tree: dict, values: dict[str, np.ndarray], prefix: tuple = ()) -> dict:
-  """A copy of `tree`'s nesting (same key objects) with leaves looked up by path string."""
-  out = {}
-  for k, v in tree.items():
-    p = prefix + (k,)
-    out[k] = rebuild(v, values, p) if isinstance(v, dict) else values[path_str(p)]
-  return out
-
-
 class Target:
   """The model's pure-dict params to fill; every leaf filled or declared fresh, shapes asserted."""
 
   def __init__(self, params: dict):
     self.params = params
-    leaves = flatten(params)
-    self.leaves = {path_str(p): v for p, v in leaves.items()}
+    self.leaves = trees.flatten(params)
     self.filled: dict[str, str] = {}   # target path -> source key (or description)
     self.fresh: set[str] = set()
     self.values: dict[str, np.ndarray] = {}
@@ -233,4 +210,4 @@ class Target:
         raise WeightError(f"model parameter {p!r} stays fresh but `params` holds no values for it "
                           f"({type(leaf).__name__}); pass initialized params")
       values[p] = np.asarray(leaf)
-    return rebuild(self.params, values)
+    return trees.rebuild(self.params, values)

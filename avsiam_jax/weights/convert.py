@@ -20,10 +20,10 @@ import sys
 
 import numpy as np
 
+from avsiam_jax import trees
 from avsiam_jax.models.avsiam import AVSiamSpec
 from avsiam_jax.models.vit import EncoderSpec, encoder_spec
 from avsiam_jax.weights import avsiam_release, load, place
-from avsiam_jax.weights.common import flatten
 
 # Encoder switches the released AVSiam checkpoints need (the CLI's defaults for --format avsiam).
 # The release trains its audio patch projection apart; keep it unless told to drop it.
@@ -57,7 +57,7 @@ def convert(src: str, fmt: str, out: str, *, spec: AVSiamSpec, variant: str | No
       "switches": place.spec_switches(spec),
       "required": info["required"],
       "config_overrides": config_overrides(spec),
-      "num_params": int(sum(np.size(v) for v in flatten(new).values())),
+      "num_params": int(sum(np.size(v) for v in trees.flatten(new).values())),
       "notes": info.get("notes", []),
       "dropped": info["dropped"],
       # Leaves the source does not hold: a run starting from DIR draws them from its own seed.
@@ -103,7 +103,7 @@ def spec_from_args(a: argparse.Namespace) -> AVSiamSpec:
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m avsiam_jax.weights.convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--format", required=True, choices=("vitjax", "timm", "avsiam"))
+  p.add_argument("--format", required=True, choices=load.SOURCE_FORMATS)
   p.add_argument("--src", required=True, help="source weight file")
   p.add_argument("--variant", required=True, help="B/16, L/16, H/14 (or test, tiny, Ti, S)")
   p.add_argument("--out", required=True, help="output directory")

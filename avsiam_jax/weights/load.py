@@ -18,12 +18,13 @@ import os
 
 import numpy as np
 
+from avsiam_jax import trees
 from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
 from avsiam_jax.weights import avsiam_release, place, vit_sources
-from avsiam_jax.weights.common import (SpecMismatch, WeightError, flatten, path_str, read_tensors,
-                                       rebuild)
+from avsiam_jax.weights.common import SpecMismatch, WeightError, read_tensors
 
-FORMATS = ("converted", "vitjax", "timm", "avsiam")
+SOURCE_FORMATS = ("vitjax", "timm", "avsiam")  # files of other projects
+FORMATS = ("converted",) + SOURCE_FORMATS     # and directories written by convert
 META_FILE = "avsiam_init.json"
 PARAMS_DIR = "params"
 
@@ -50,7 +51,7 @@ def fresh_params(spec: AVSiamSpec, seed=0) -> dict:
 def convert_source(path: str, fmt: str, spec: AVSiamSpec, params: dict, *,
                    allow_lossy_audio_patch: bool = False) -> tuple[dict, dict]:
   """(new pure dict, info) from a source file; info: dropped keys, notes, required fields."""
-  if fmt not in ("vitjax", "timm", "avsiam"):
+  if fmt not in SOURCE_FORMATS:
     raise ValueError(f"source format must be 'vitjax', 'timm' or 'avsiam', got {fmt!r}")
   flat = read_tensors(path)
   if fmt == "avsiam":
@@ -78,7 +79,7 @@ def read_converted(directory: str) -> dict[str, np.ndarray]:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   with ocp.StandardCheckpointer() as ckpt:
     tree = ckpt.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR))
-  return {path_str(p): np.asarray(v) for p, v in flatten(tree).items()}
+  return {p: np.asarray(v) for p, v in trees.flatten(tree).items()}
 
 
 def load_converted(directory: str, spec: AVSiamSpec, params: dict) -> dict:
@@ -88,7 +89,7 @@ def load_converted(directory: str, spec: AVSiamSpec, params: dict) -> dict:
   place.check_switches(meta["switches"], spec, required,
                        f"{directory!r} was converted with other model settings")
   stored = read_converted(directory)
-  targets = {path_str(p): v for p, v in flatten(params).items()}
+  targets = trees.flatten(params)
   for key, v in targets.items():
     if key not in stored:
       raise WeightError(f"{directory!r} has no parameter {key!r}")
@@ -105,7 +106,7 @@ def load_converted(directory: str, spec: AVSiamSpec, params: dict) -> dict:
   values = {k: np.asarray(v) if k in fresh else
             stored[k].astype(np.dtype(getattr(v, "dtype", np.float32)), copy=False)
             for k, v in targets.items()}
-  return rebuild(params, values)
+  return trees.rebuild(params, values)
 
 
 def init_params(path: str, fmt: str, spec: AVSiamSpec, params: dict, *,
@@ -134,7 +135,7 @@ def check_initialized(params: dict) -> None:
   its branch (a zero mm_norm scale gives the decoder zero input and zero kernel gradients)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  flat = {path_str(p): v for p, v in flatten(params).items()}
+  flat = trees.flatten(params)
   checked = {p: v for p, v in flat.items() if not _zero_init(p)}
   # One reduction per leaf where the arrays live (sharded on device, or host numpy).
   zero = jax.device_get(jax.jit(lambda t: {k: jnp.all(v == 0) for k, v in t.items()})(checked))
@@ -145,5 +146,6 @@ def check_initialized(params: dict) -> None:
                       "initializer is not zeros, so a weight source or loader left it unset")
 
 
-__all__ = ["FORMATS", "SpecMismatch", "WeightError", "check_initialized", "convert_source",
-           "fresh_params", "init_params", "load_converted", "read_converted", "read_meta"]
+__all__ = ["FORMATS", "SOURCE_FORMATS", "SpecMismatch", "WeightError", "check_initialized",
+           "convert_source", "fresh_params", "init_params", "load_converted", "read_converted",
+           "read_meta"]

@@ -1,0 +1,359 @@
+"""Run settings: the ConfigDict of configs/*.py, turned once at start-up into frozen specs.
+
+`parse(config, num_devices)` runs every check that needs no compute and raises ConfigError
+naming the config field. Everything after it (trainer, tasks, step functions, models) takes the
+specs below, never the ConfigDict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from avsiam_jax import losses, masking
+from avsiam_jax.data import records
+from avsiam_jax.models.avsiam import AVSiamSpec
+from avsiam_jax.models.vit import encoder_spec
+from avsiam_jax.weights.load import FORMATS as WEIGHT_FORMATS
+
+MODES = ("pretrain", "finetune", "eval", "pretrain+finetune")
+# The stages a mode trains, in order.
+STAGES = {"pretrain": ("pretrain",), "finetune": ("finetune",), "eval": (),
+          "pretrain+finetune": ("pretrain", "finetune")}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MESH_AXES = ("data", "fsdp", "tensor")
+# The batch is split over every mesh axis that holds different examples.
+BATCH_AXES = ("data", "fsdp")
+
+
+class ConfigError(ValueError):
+  """A config or dataset problem found before any compute."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """One stage's length and step-decay learning rate (decay x rate at start, start+every, ...)."""
+  lr: float
+  decay_start_epoch: int
+  decay_rate: float
+  decay_every_epochs: int
+  epochs: int
+  total_steps: int | None  # overrides epochs
+  batch_size: int          # global
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+  """Adam with torch's L2 weight decay (added to the gradient), for both stages."""
+  b1: float
+  b2: float
+  weight_decay: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainSpec:
+  mask_ratios: tuple[float, ...]
+  tau: float
+  mae_mask_ratio: float
+  mae_stop_gradient: bool
+  separate_optimizers: bool
+  accum_steps: int
+  batch_shards: int  # data shards the ratio groups are formed in (the masking layout)
+  schedule: Schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSpec:
+  dataset: str
+  init_checkpoint: str  # a pretraining run (workdir or checkpoints/<step>), or ""
+  loss: str             # losses.CLASSIFICATION_LOSSES
+  head_lr_mult: float
+  mm_lr_mult: float
+  balanced: bool
+  mixup: float
+  label_smoothing: float
+  freqm: int
+  timem: int
+  modality_mix: tuple[float, float, float]  # audio-visual, audio-only, visual-only
+  schedule: Schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  shape: tuple[int, int, int]  # MESH_AXES sizes, -1 resolved
+  rules: tuple[tuple[str, Any], ...]  # logical parameter axis -> mesh axis
+
+  @property
+  def batch_shards(self) -> int:
+    return self.shape[0] * self.shape[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  dir: str  # "" with demo: WORKDIR/demo_dataset
+  train_split: str
+  eval_split: str
+  time_shift: bool
+  worker_count: int
+  demo: bool
+  demo_train_clips: int
+  demo_eval_clips: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  every_steps: int
+  max_clips: int        # 0: all
+  retrieval_clips: int  # 0: all evaluated clips
+  batch_size: int
+  frame: int
+  plot_classes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """Everything a run needs, checked."""
+  mode: str
+  seed: int
+  variant: str  # config.model.variant, e.g. "B/16"
+  model: AVSiamSpec
+  dtype: str
+  model_init: str
+  model_init_format: str
+  optim: OptimSpec
+  pretrain: PretrainSpec
+  finetune: FinetuneSpec
+  mesh: MeshSpec
+  data: DataSpec
+  eval: EvalSpec
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+  log_every_steps: int
+  # The config as given (plain dicts), recorded in the run's config.json with this spec's stage.
+  source: dict = dataclasses.field(repr=False, compare=False, default_factory=dict)
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  def schedule(self, stage: str) -> Schedule:
+    return self.finetune.schedule if stage == "finetune" else self.pretrain.schedule
+
+  def record(self) -> dict:
+    """The config.json of a run: the given config with the fields a stage driver set."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in self.source.items()}
+    out["mode"] = self.mode
+    out.setdefault("data", {})["dir"] = self.data.dir
+    out.setdefault("finetune", {})["init_checkpoint"] = self.finetune.init_checkpoint
+    return out
+
+  def stage(self, name: str, workdir: str) -> "RunSpec":
+    """The spec of one stage of pretrain+finetune run in workdir/<name>: both stages share the
+    demo dataset, and finetuning starts from the pretraining stage unless told otherwise."""
+    data, finetune = self.data, self.finetune
+    if data.demo and not data.dir:
+      data = dataclasses.replace(data, dir=os.path.join(workdir, "demo_dataset"))
+    if name == "finetune" and not (finetune.init_checkpoint or self.model_init):
+      finetune = dataclasses.replace(finetune,
+                                     init_checkpoint=os.path.join(workdir, "pretrain"))
+    return dataclasses.replace(self, mode=name, data=data, finetune=finetune)
+
+
+# ----- Parsing ------------------------------------------------------------------------------
+
+def _fail(field: str, message: str):
+  raise ConfigError(f"config.{field}: {message}")
+
+
+def model_spec(model) -> AVSiamSpec:
+  """The AVSiam spec of a config's `model` section (a ConfigDict or a plain dict)."""
+  m = model
+  try:
+    enc = encoder_spec(
+        m["variant"], image_size=m["image_size"], audio_frames=m["audio_frames"],
+        mel_bins=m["mel_bins"], audio_patch_mode=m["audio_patch_mode"],
+        audio_posemb_init=m["audio_posemb_init"], modality_norms=m["modality_norms"],
+        double_tokens=m["double_tokens"], separate_audio_patch=m["separate_audio_patch"],
+        block_norm_eps=m["block_norm_eps"], final_norm_eps=m["final_norm_eps"],
+        remat=m["remat"])
+    _ = enc.video_grid, enc.audio_grid  # sizes that do not split into patches fail here
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from None
+  return AVSiamSpec(encoder=enc, mm_depth=m["mm_depth"], decoder_width=m["decoder_width"],
+                    decoder_depth=m["decoder_depth"], decoder_heads=m["decoder_heads"],
+                    decoder_norm_eps=m["decoder_norm_eps"])
+
+
+def mesh_shape(mesh, num_devices: int) -> tuple[int, int, int]:
+  """config.mesh sizes with one -1 resolved to the remaining devices; the product checked."""
+  shape = [int(mesh[a]) for a in MESH_AXES]
+  named = dict(zip(MESH_AXES, shape))
+  if shape.count(-1) > 1:
+    _fail("mesh", f"at most one axis may be -1, got {named}")
+  if any(s == 0 or s < -1 for s in shape):
+    _fail("mesh", f"axis sizes must be positive or -1, got {named}")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      _fail("mesh", f"{named} does not divide the {num_devices} devices present")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    _fail("mesh", f"{dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+          f"{num_devices} are present")
+  return tuple(shape)
+
+
+def _schedule(c, prefix: str, data_shards: int, check: bool) -> Schedule:
+  """Pretraining's schedule (prefix "": config.batch_size, config.epochs, config.optim.lr, ...)
+  or finetuning's (prefix "finetune.": all fields in config.finetune)."""
+  lr_section, lr_prefix = (c, prefix) if prefix else (c.optim, "optim.")
+  s = Schedule(lr=float(lr_section.lr), decay_start_epoch=int(lr_section.decay_start_epoch),
+               decay_rate=float(lr_section.decay_rate),
+               decay_every_epochs=int(lr_section.decay_every_epochs),
+               epochs=int(c.epochs), total_steps=c.total_steps, batch_size=int(c.batch_size))
+  if check:
+    if s.batch_size <= 0 or s.batch_size % data_shards:
+      _fail(f"{prefix}batch_size", f"{s.batch_size} must be a positive multiple of the "
+            f"{data_shards} devices that split the batch (mesh data x fsdp)")
+    if s.decay_every_epochs <= 0:
+      _fail(f"{lr_prefix}decay_every_epochs", f"must be positive, got {s.decay_every_epochs}")
+    if not s.total_steps and s.epochs <= 0:
+      _fail(f"{prefix}epochs", f"set config.{prefix}epochs or config.{prefix}total_steps to a "
+            "positive number")
+  return s
+
+
+def _pretrain(c, data_shards: int, check: bool) -> PretrainSpec:
+  p = c.pretrain
+  ratios = tuple(float(r) for r in p.mask_ratios)
+  shards = c.mesh.get("batch_shards") or data_shards
+  spec = PretrainSpec(
+      mask_ratios=ratios, tau=float(p.tau), mae_mask_ratio=float(p.mae_mask_ratio),
+      mae_stop_gradient=bool(p.mae_stop_gradient),
+      separate_optimizers=bool(p.separate_optimizers), accum_steps=c.accum_steps,
+      batch_shards=int(shards), schedule=_schedule(c, "", data_shards, check))
+  if not check:
+    return spec
+  if not ratios:
+    _fail("pretrain.mask_ratios", "is empty")
+  for field, values in (("mask_ratios", ratios), ("mae_mask_ratio", (spec.mae_mask_ratio,))):
+    for r in values:
+      if not 0.0 <= r < 1.0:
+        _fail(f"pretrain.{field}", f"a mask ratio must be in [0, 1), got {r}")
+  if spec.tau <= 0:
+    _fail("pretrain.tau", f"must be positive, got {spec.tau}")
+  try:
+    masking.check_groups(spec.schedule.batch_size, len(ratios), shards)
+  except ValueError as e:
+    _fail("batch_size", str(e))
+  accum = spec.accum_steps
+  if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+    _fail("accum_steps", f"must be a positive integer, got {accum!r}")
+  g = spec.schedule.batch_size // shards // len(ratios)
+  if g % accum:
+    _fail("accum_steps", f"{accum} does not divide the {g} examples of each mask-ratio group "
+          f"on each data shard (batch {spec.schedule.batch_size} / {shards} shards / "
+          f"{len(ratios)} ratios); micro-batches must take equal parts of every group")
+  return spec
+
+
+def _finetune(c, data_shards: int, check: bool) -> FinetuneSpec:
+  f = c.finetune
+  spec = FinetuneSpec(
+      dataset=f.dataset, init_checkpoint=f.init_checkpoint, loss=f.loss,
+      head_lr_mult=float(f.head_lr_mult), mm_lr_mult=float(f.mm_lr_mult),
+      balanced=bool(f.balanced), mixup=float(f.mixup), label_smoothing=float(f.label_smoothing),
+      freqm=int(f.freqm), timem=int(f.timem),
+      modality_mix=tuple(float(p) for p in f.modality_mix),
+      schedule=_schedule(f, "finetune.", data_shards, check))
+  if spec.loss not in losses.CLASSIFICATION_LOSSES:
+    _fail("finetune.loss", "must be 'bce' (multi-label) or 'ce' (single-label), got "
+          f"{spec.loss!r}")
+  if not check:
+    return spec
+  mix = spec.modality_mix
+  if len(mix) != 3 or min(mix) < 0 or abs(sum(mix) - 1) > 1e-6:
+    _fail("finetune.modality_mix", "must be three probabilities (audio-visual, audio-only, "
+          f"visual-only) summing to 1, got {mix}")
+  if spec.head_lr_mult <= 0 or spec.mm_lr_mult < 0:
+    _fail("finetune.head_lr_mult", f"({spec.head_lr_mult}) must be positive and "
+          f"config.finetune.mm_lr_mult ({spec.mm_lr_mult}) non-negative")
+  if spec.init_checkpoint and not os.path.exists(spec.init_checkpoint):
+    _fail("finetune.init_checkpoint", f"{spec.init_checkpoint!r} does not exist")
+  return spec
+
+
+def _eval(c, data_shards: int) -> EvalSpec:
+  e = c.eval
+  spec = EvalSpec(every_steps=int(e.every_steps), max_clips=int(e.max_clips),
+                  retrieval_clips=int(e.retrieval_clips), batch_size=int(e.batch_size),
+                  frame=int(e.frame), plot_classes=int(e.plot_classes))
+  if spec.batch_size <= 0 or spec.batch_size % data_shards:
+    _fail("eval.batch_size", f"{spec.batch_size} must be a positive multiple of the "
+          f"{data_shards} devices that split the batch (mesh data x fsdp)")
+  if not 0 <= spec.frame < records.NUM_FRAMES:
+    _fail("eval.frame", f"must be in [0, {records.NUM_FRAMES}), got {spec.frame}")
+  for name in ("max_clips", "retrieval_clips"):
+    if getattr(spec, name) < 0:
+      _fail(f"eval.{name}", f"must be >= 0 (0: all), got {getattr(spec, name)}")
+  return spec
+
+
+def _data(c) -> DataSpec:
+  d = c.data
+  return DataSpec(dir=d.dir, train_split=d.train_split, eval_split=d.eval_split,
+                  time_shift=bool(d.time_shift), worker_count=int(d.worker_count),
+                  demo=bool(d.demo), demo_train_clips=int(d.get("demo_train_clips", 400)),
+                  demo_eval_clips=int(d.get("demo_eval_clips", 100)))
+
+
+def parse(config, num_devices: int, process_count: int = 1) -> RunSpec:
+  """The checked specs of `config` for `num_devices` devices fed by `process_count` processes.
+
+  The schedule and batch checks of a stage run only when config.mode trains that stage.
+  """
+  c = config
+  if c.mode not in MODES:
+    _fail("mode", f"{c.mode!r} is not one of {MODES}")
+  if c.model.dtype not in DTYPES:
+    _fail("model.dtype", f"must be one of {sorted(DTYPES)}, got {c.model.dtype!r}")
+  model = model_spec(c.model)
+  shape = mesh_shape(c.mesh, num_devices)
+  mesh = MeshSpec(shape=shape, rules=tuple(dict(c.mesh.rules).items()))
+  data_shards = mesh.batch_shards
+  if data_shards % process_count:
+    _fail("mesh", f"data x fsdp = {data_shards} must be a multiple of the {process_count} "
+          "processes, each of which feeds its own slice of the batch (keep the tensor axis "
+          "within a host)")
+  stages = STAGES[c.mode]
+  if c.model_init and not os.path.exists(c.model_init):
+    _fail("model_init", f"{c.model_init!r} does not exist")
+  if c.model_init_format not in WEIGHT_FORMATS:
+    _fail("model_init_format", f"must be one of {WEIGHT_FORMATS}, got {c.model_init_format!r}")
+  return RunSpec(
+      mode=c.mode, seed=int(c.seed), variant=c.model.variant, model=model, dtype=c.model.dtype, model_init=c.model_init,
+      model_init_format=c.model_init_format,
+      optim=OptimSpec(b1=float(c.optim.b1), b2=float(c.optim.b2),
+                      weight_decay=float(c.optim.weight_decay)),
+      pretrain=_pretrain(c, data_shards, "pretrain" in stages),
+      finetune=_finetune(c, data_shards, "finetune" in stages),
+      mesh=mesh, data=_data(c), eval=_eval(c, data_shards),
+      checkpoint_every_steps=int(c.checkpoint_every_steps),
+      keep_checkpoints=int(c.keep_checkpoints), log_every_steps=int(c.log_every_steps),
+      source=c.to_dict() if hasattr(c, "to_dict") else dict(c))
+
+
+def dataset_dir(spec: RunSpec, workdir: str) -> str:
+  """The dataset a run reads: config.data.dir, or the demo's in the workdir."""
+  if spec.data.demo:
+    return spec.data.dir or os.path.join(workdir, "demo_dataset")
+  if not spec.data.dir:
+    _fail("data.dir", "is not set: build a dataset with `python -m data_prep.build ... --out "
+          "DATASET_DIR` and pass --config.data.dir=DATASET_DIR")
+  if not os.path.isdir(spec.data.dir):
+    _fail("data.dir", f"dataset directory {spec.data.dir!r} does not exist; build one with "
+          "`python -m data_prep.build`")
+  return spec.data.dir

@@ -1,0 +1,65 @@
+"""Model inputs of one media file for inference, as evaluation sees the file's stored record.
+
+A file is decoded and stored as the dataset builder stores a clip (examples.py: 10 frames at
+224 px as JPEG, the fbank of the first 10 s as float16), then put through the eval pipeline's
+own transforms (pipeline.eval_audio / eval_video) at the model's `audio_frames` and
+`image_size`. A file without usable audio (no stream, silent, under 1 s) is used visual-only,
+one without video audio-only.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from avsiam_jax.data import examples, media, pipeline
+from avsiam_jax.models.classifier import AUDIO_ONLY, AUDIO_VISUAL, VISUAL_ONLY
+
+# media.ClipError reason -> (modality still usable, why); other reasons fail the clip.
+_FALLBACK = {
+    "no_audio": (VISUAL_ONLY, "no audio stream"),
+    "silent_audio": (VISUAL_ONLY, "silent audio track"),
+    "audio_too_short": (VISUAL_ONLY, f"audio shorter than {media.MIN_AUDIO_SECONDS:g} s"),
+    "no_video": (AUDIO_ONLY, "no video stream"),
+    "no_frames": (AUDIO_ONLY, "no decodable video frame"),
+}
+
+
+@dataclasses.dataclass
+class PreparedClip:
+  path: str
+  audio: np.ndarray | None  # (audio_frames, 128) float32, normalized
+  video: np.ndarray | None  # (10, S, S, 3) float32, ImageNet-normalized
+  modality: str  # AUDIO_VISUAL, AUDIO_ONLY or VISUAL_ONLY
+  reason: str  # why a modality is missing; "" for audio-visual
+
+
+def _decode(path):
+  """(frames uint8 or None, waveform or None, modality, reason), decoded as the builder does."""
+  try:
+    clip = examples.decode_clip(path)
+    return clip.frames, clip.waveform, AUDIO_VISUAL, ""
+  except media.ClipError as e:
+    if e.reason not in _FALLBACK:
+      raise
+    modality, reason = _FALLBACK[e.reason]
+  try:
+    if modality == VISUAL_ONLY:
+      return examples.decode_frames(path), None, modality, reason
+    return None, examples.decode_audio(path), modality, reason
+  except media.ClipError as e:
+    # Neither modality is usable: say why for both.
+    raise media.ClipError(e.path, e.reason, f"{e.detail or e.reason}; and {reason}") from None
+
+
+def prepare_clip(path, *, audio_frames: int, image_size: int) -> PreparedClip:
+  """Model inputs of one media file; raises media.ClipError (file and reason) if unusable."""
+  path = str(path)
+  frames, wave, modality, reason = _decode(path)
+  audio = video = None
+  if wave is not None:
+    audio = pipeline.eval_audio({"id": path, "fbank": examples.stored_fbank(wave)}, audio_frames)
+  if frames is not None:
+    video = pipeline.eval_video({"id": path, "frames": examples.stored_frames(frames)},
+                                image_size)
+  return PreparedClip(path, audio, video, modality, reason)

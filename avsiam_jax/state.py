@@ -1,0 +1,85 @@
+"""A task's train state on a mesh: its shardings, and the compiled init, train and eval steps.
+
+The state is {"params", "opt": {optimizer group: optax state}, "step"}; parameters are sharded
+by their logical axes (config.mesh.rules), the Adam moments like their parameters.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from avsiam_jax import checkpoint, optim, sharding
+
+
+def abstract_model(task):
+  """The task's model with shapes only (nothing allocated)."""
+  return nnx.eval_shape(lambda: task.model(nnx.Rngs(0)))
+
+
+def param_shardings(task, mesh) -> dict:
+  return sharding.param_shardings(nnx.state(abstract_model(task), nnx.Param), mesh,
+                                  dict(task.spec.mesh.rules))
+
+
+def create_state(task, tx, key) -> dict:
+  params = nnx.to_pure_dict(nnx.state(task.model(nnx.Rngs(params=key)), nnx.Param))
+  return {"params": params, "opt": {n: tx.init(params) for n in task.opt_names},
+          "step": jnp.zeros((), jnp.int32)}
+
+
+def place(params: dict, abstract_params: dict) -> dict:
+  """Host params onto the shardings of `abstract_params` (ShapeDtypeStructs with shardings)."""
+  return jax.tree.map(
+      lambda x, a: jax.make_array_from_callback(x.shape, a.sharding, lambda i: x[i]),
+      params, abstract_params)
+
+
+class EvalFns(NamedTuple):
+  evaluate: Callable     # (params, eval batch) -> dict of per-clip outputs
+  abstract_params: Any   # ShapeDtypeStructs with shardings
+  graphdef: Any          # the model's structure; nnx.merge(graphdef, params) rebuilds it
+
+
+def make_eval_fns(task, mesh) -> EvalFns:
+  """The compiled eval step alone: no optimizer, no state."""
+  abstract = abstract_model(task)
+  graphdef = nnx.graphdef(abstract)
+  shapes = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  shardings = param_shardings(task, mesh)
+  evaluate = jax.jit(functools.partial(task.eval_step, graphdef=graphdef),
+                     in_shardings=(shardings, sharding.batch_sharding(mesh)))
+  return EvalFns(evaluate, checkpoint.abstract_with_shardings(shapes, shardings), graphdef)
+
+
+class TrainFns(NamedTuple):
+  init: Callable        # key -> state
+  step: Callable        # (state, batch, key) -> (state, metrics); state donated
+  evaluate: Callable    # (params, eval batch) -> dict of per-clip outputs
+  abstract_state: Any   # ShapeDtypeStructs with shardings, for restoring
+  graphdef: Any
+
+
+def make_train_fns(task, mesh, steps_per_epoch: int) -> TrainFns:
+  """Compiled init/step/evaluate of `task` with the state sharded on `mesh`."""
+  schedule = optim.lr_schedule(task.schedule, steps_per_epoch)
+  ev = make_eval_fns(task, mesh)
+  params_sh = jax.tree.map(lambda a: a.sharding, ev.abstract_params)
+  tx = optim.make_optimizer(task.spec.optim, schedule, task.lr_multipliers(
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), ev.abstract_params)))
+  shapes = jax.eval_shape(functools.partial(create_state, task, tx), jax.random.key(0))
+  repl = sharding.replicated(mesh)
+  opt_sh = {n: optax.tree_map_params(tx, lambda _, s: s, shapes["opt"][n], params_sh,
+                                     transform_non_params=lambda _: repl)
+            for n in task.opt_names}
+  shardings = {"params": params_sh, "opt": opt_sh, "step": repl}
+  step_fn = functools.partial(task.train_step, graphdef=ev.graphdef, tx=tx, schedule=schedule)
+  init = jax.jit(functools.partial(create_state, task, tx), out_shardings=shardings)
+  step = jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh), repl),
+                 out_shardings=(shardings, repl), donate_argnums=(0,))
+  return TrainFns(init, step, ev.evaluate, checkpoint.abstract_with_shardings(shapes, shardings),
+                  ev.graphdef)

@@ -1,0 +1,91 @@
+"""config.parse: the ConfigDict checked once into frozen specs, every error naming its field."""
+import dataclasses
+import json
+import os
+
+import pytest
+
+from avsiam_jax import config as config_lib
+from avsiam_jax.config import ConfigError, parse
+from configs import base, demo
+
+
+def test_specs_carry_the_config_and_are_frozen():
+  c = base.get_config("mode=finetune,dataset=as20k")
+  spec = parse(c, num_devices=8)
+  assert spec.model.encoder.width == 768 and spec.model.encoder.patch == 16
+  assert spec.mesh.shape == (8, 1, 1) and spec.mesh.batch_shards == 8
+  assert spec.finetune.schedule.batch_size == c.finetune.batch_size == 32
+  assert spec.pretrain.schedule.batch_size == c.batch_size
+  assert spec.pretrain.mask_ratios == (0.0, 0.2, 0.4, 0.6, 0.8)
+  assert spec.finetune.modality_mix == (0.5, 0.25, 0.25)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    spec.seed = 1  # pytype: disable=not-writable
+  # The recorded config is the given one, round-tripped through JSON.
+  assert json.loads(json.dumps(spec.record())) == json.loads(c.to_json_best_effort())
+
+
+def test_stages_of_pretrain_plus_finetune(tmp_path):
+  spec = parse(demo.get_config(), num_devices=1)
+  assert spec.mode == "pretrain+finetune"
+  pre, ft = (spec.stage(n, str(tmp_path)) for n in ("pretrain", "finetune"))
+  assert (pre.mode, ft.mode) == ("pretrain", "finetune")
+  # One demo dataset for both stages; finetuning starts from the pretraining stage.
+  assert pre.data.dir == ft.data.dir == os.path.join(str(tmp_path), "demo_dataset")
+  assert ft.finetune.init_checkpoint == os.path.join(str(tmp_path), "pretrain")
+  assert ft.record()["finetune"]["init_checkpoint"] == ft.finetune.init_checkpoint
+  assert ft.record()["mode"] == "finetune" and spec.mode == "pretrain+finetune"
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("mode", "distill", r"config\.mode: 'distill' is not one of"),
+    ("model.dtype", "float16", r"config\.model\.dtype: must be one of"),
+    ("model.variant", "X/16", r"config\.model: unknown ViT variant"),
+    ("model.image_size", 100, r"config\.model: image_size 100 is not divisible by patch 16"),
+    ("model_init_format", "onnx", r"config\.model_init_format: must be one of"),
+    ("model_init", "/nonexistent/w.npz", r"config\.model_init: '/nonexistent/w.npz' does not"),
+    ("pretrain.mask_ratios", (0.0, 1.0), r"config\.pretrain\.mask_ratios: a mask ratio must "
+                                          r"be in \[0, 1\), got 1.0"),
+    ("pretrain.mae_mask_ratio", -0.1, r"config\.pretrain\.mae_mask_ratio"),
+    ("pretrain.tau", 0.0, r"config\.pretrain\.tau: must be positive"),
+    ("batch_size", 44, r"config\.batch_size: .*multiple of the 8 devices"),
+    ("optim.decay_every_epochs", 0, r"config\.optim\.decay_every_epochs: must be positive"),
+    ("accum_steps", 3, r"config\.accum_steps: 3 does not divide"),
+    ("eval.batch_size", 12, r"config\.eval\.batch_size: 12 must be a positive multiple"),
+    ("eval.frame", 10, r"config\.eval\.frame: must be in \[0, 10\)"),
+    ("finetune.decay_every_epochs", 0, r"config\.finetune\.decay_every_epochs: must be"),
+    ("eval.max_clips", -1, r"config\.eval\.max_clips: must be >= 0"),
+    ("mesh.tensor", 3, r"config\.mesh: .*does not divide the 8 devices"),
+    ("finetune.loss", "mse", r"config\.finetune\.loss: must be 'bce'"),
+])
+def test_each_bad_field_is_named(field, value, message):
+  c = base.get_config("mode=pretrain+finetune")  # both stages' checks
+  section, _, name = field.rpartition(".")
+  setattr(c[section] if section else c, name, value)
+  with pytest.raises(ConfigError, match=message):
+    parse(c, num_devices=8)
+
+
+def test_stage_checks_only_for_the_stages_the_mode_runs():
+  c = base.get_config()  # pretraining
+  c.finetune.batch_size = 12  # not a multiple of 8 devices: finetuning would fail
+  parse(c, num_devices=8)
+  c.mode = "pretrain+finetune"
+  with pytest.raises(ConfigError, match=r"config\.finetune\.batch_size: 12"):
+    parse(c, num_devices=8)
+
+
+def test_processes_must_split_the_batch_axes():
+  c = base.get_config()
+  c.mesh.data, c.mesh.tensor = 2, 4
+  with pytest.raises(ConfigError, match="multiple of the 4 processes"):
+    parse(c, num_devices=8, process_count=4)
+
+
+def test_dataset_dir_errors_name_the_field(tmp_path):
+  c = base.get_config()
+  with pytest.raises(ConfigError, match=r"config\.data\.dir: is not set"):
+    config_lib.dataset_dir(parse(c, 8), str(tmp_path))
+  c.data.dir = str(tmp_path / "nope")
+  with pytest.raises(ConfigError, match="does not exist"):
+    config_lib.dataset_dir(parse(c, 8), str(tmp_path))
