@@ -40,7 +40,7 @@ def place(params: dict, abstract_params: dict) -> dict:
 
 
 class EvalFns(NamedTuple):
-  evaluate: Callable     # (params, eval batch) -> dict of per-clip outputs
+  eval_step: Callable    # (params, eval batch) -> dict of per-clip outputs
   abstract_params: Any   # ShapeDtypeStructs with shardings
   graphdef: Any          # the model's structure; nnx.merge(graphdef, params) rebuilds it
 
@@ -51,21 +51,21 @@ def make_eval_fns(task, mesh) -> EvalFns:
   graphdef = nnx.graphdef(abstract)
   shapes = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   shardings = param_shardings(task, mesh)
-  evaluate = jax.jit(functools.partial(task.eval_step, graphdef=graphdef),
-                     in_shardings=(shardings, sharding.batch_sharding(mesh)))
-  return EvalFns(evaluate, checkpoint.abstract_with_shardings(shapes, shardings), graphdef)
+  eval_step = jax.jit(functools.partial(task.eval_step, graphdef=graphdef),
+                      in_shardings=(shardings, sharding.batch_sharding(mesh)))
+  return EvalFns(eval_step, checkpoint.abstract_with_shardings(shapes, shardings), graphdef)
 
 
 class TrainFns(NamedTuple):
   init: Callable        # key -> state
   step: Callable        # (state, batch, key) -> (state, metrics); state donated
-  evaluate: Callable    # (params, eval batch) -> dict of per-clip outputs
+  eval_step: Callable   # (params, eval batch) -> dict of per-clip outputs
   abstract_state: Any   # ShapeDtypeStructs with shardings, for restoring
   graphdef: Any
 
 
 def make_train_fns(task, mesh, steps_per_epoch: int) -> TrainFns:
-  """Compiled init/step/evaluate of `task` with the state sharded on `mesh`."""
+  """Compiled init, train step and eval step of `task`, the state sharded on `mesh`."""
   schedule = optim.lr_schedule(task.schedule, steps_per_epoch)
   ev = make_eval_fns(task, mesh)
   params_sh = jax.tree.map(lambda a: a.sharding, ev.abstract_params)
@@ -81,5 +81,5 @@ def make_train_fns(task, mesh, steps_per_epoch: int) -> TrainFns:
   init = jax.jit(functools.partial(create_state, task, tx), out_shardings=shardings)
   step = jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh), repl),
                  out_shardings=(shardings, repl), donate_argnums=(0,))
-  return TrainFns(init, step, ev.evaluate, checkpoint.abstract_with_shardings(shapes, shardings),
+  return TrainFns(init, step, ev.eval_step, checkpoint.abstract_with_shardings(shapes, shardings),
                   ev.graphdef)

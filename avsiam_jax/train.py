@@ -105,6 +105,9 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
   if spec.mode not in ("pretrain", "finetune"):
     raise ConfigError(f"config.mode {spec.mode!r}: train() runs pretrain or finetune; use run() "
                       "for the others")
+  # ----- Mesh -------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(spec.mesh)
+
   # ----- Data -------------------------------------------------------------------------------
   ds_dir, info = _dataset(spec, workdir, spec.mode)
   if spec.mode == "finetune" and spec.finetune.init_checkpoint:
@@ -130,8 +133,7 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
       seed=spec.seed, time_shift=spec.data.time_shift, process_index=jax.process_index(),
       process_count=jax.process_count(), worker_count=spec.data.worker_count)
 
-  # ----- Mesh, model and state, step --------------------------------------------------------
-  mesh = sharding.make_mesh(spec.mesh)
+  # ----- Model, state and step -------------------------------------------------------------
   fns = state.make_train_fns(task, mesh, steps_per_epoch)
   n_params = sum(x.size for x in jax.tree.leaves(fns.abstract_state["params"]))
   logging.info("%s %s: %.1fM parameters; mesh %s; %d steps of batch %d", task.name,
@@ -156,7 +158,7 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
     raise ConfigError(f"{workdir}: {e}") from e
 
   # ----- Eval -------------------------------------------------------------------------------
-  evaluator = Evaluator(spec, ds_dir, fns.evaluate, mesh)
+  evaluator = Evaluator(spec, ds_dir, fns.eval_step, mesh)
 
   # ----- Loop -------------------------------------------------------------------------------
   logging.info("Compiling the train step, then training from step %d; a progress line every "
@@ -212,7 +214,7 @@ def evaluate_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
   fns = state.make_eval_fns(task, mesh)
   params = state.place(jax.device_get(checkpoint.restore_params(trained, fns.abstract_params)),
                        fns.abstract_params)
-  results = Evaluator(spec, ds_dir, fns.evaluate, mesh)(
+  results = Evaluator(spec, ds_dir, fns.eval_step, mesh)(
       params, plot_path=os.path.join(workdir, "embeddings.png"), title=stage)
   results = dict(results, step=trained.step, split=spec.data.eval_split)
   progress.Logger(workdir, trained.step, 1).scalars(trained.step, flat_scalars(results))

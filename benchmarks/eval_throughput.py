@@ -58,11 +58,11 @@ def device_rate(config, repeats: int) -> float:
   mesh, fns = build(config, NUM_CLASSES if config.mode == "finetune" else 0)
   params = fns.init(jax.random.key(0))["params"]
   batch = random_batch(config, mesh)
-  jax.block_until_ready(fns.evaluate(params, batch))  # compile + warm-up
+  jax.block_until_ready(fns.eval_step(params, batch))  # compile + warm-up
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(fns.evaluate(params, batch))
+    jax.block_until_ready(fns.eval_step(params, batch))
     times.append(time.perf_counter() - t0)
   return config.eval.batch_size / min(times)
 
@@ -80,7 +80,7 @@ def end_to_end_rate(config, repeats: int) -> tuple[float, int]:
                                        image_size=config.model.image_size)
       t0, clips = time.perf_counter(), 0
       for batch in it:
-        out = fns.evaluate(params, sharding.global_batch(
+        out = fns.eval_step(params, sharding.global_batch(
             {"audio": batch["audio"], "video": batch["video"]}, mesh))
         clips += int(batch["mask"].sum())
       jax.block_until_ready(out)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from avsiam_jax import checkpoint, optim, sharding, train
+from avsiam_jax import checkpoint, sharding, train
 from avsiam_jax.config import ConfigError, parse
 from tests.conftest import build  # also imported by tests/multihost_worker.py
 from configs import demo as demo_config
@@ -141,17 +141,6 @@ def test_demo_end_to_end_and_resume(tmp_path):
   assert results["step"] == 6
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert steps[-1] == 6 and 4 in steps
-
-
-def test_lr_step_decay_in_epochs():
-  config = tiny_config()
-  config.total_steps = 200  # 20 epochs of 10 steps
-  config.optim.lr, config.optim.decay_rate = 1e-4, 0.5
-  config.optim.decay_start_epoch, config.optim.decay_every_epochs = 10, 5
-  schedule = optim.lr_schedule(parse(config, 8).pretrain.schedule, steps_per_epoch=10)
-  # Paper Table 9: x0.5 at epoch 10 and every 5 epochs after.
-  for step, want in ((0, 1e-4), (99, 1e-4), (100, 5e-5), (149, 5e-5), (150, 2.5e-5), (199, 2.5e-5)):
-    assert float(schedule(step)) == pytest.approx(want), step
 
 
 def fake_timm_vit(path, d=32, depth=2, mlp=64, p=16, tokens=4, seed=0):
