@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from avsiam_jax import config, distributed, train
+from avsiam_jax import compile_only, config, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
@@ -35,7 +35,10 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
-    train.run(_CONFIG.value, _WORKDIR.value)
+    if _CONFIG.value.get("compile_only", {}).get("topology"):
+      compile_only.run(_CONFIG.value, _WORKDIR.value)
+    else:
+      train.run(_CONFIG.value, _WORKDIR.value)
   except config.ConfigError as e:
     sys.exit(f"Config error: {e}")
 

@@ -114,6 +114,12 @@ class EvalSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompileSpec:
+  topology: str     # "" or a TPU topology as jax.experimental.topologies takes it, "v5p:2x2x1"
+  num_classes: int  # classifier heads to compile when no dataset is read
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSpec:
   """Everything a run needs, checked."""
   mode: str
@@ -129,6 +135,8 @@ class RunSpec:
   mesh: MeshSpec
   data: DataSpec
   eval: EvalSpec
+  compile_only: CompileSpec
+  compile_cache_dir: str  # "" WORKDIR/compile_cache, "none" off
   checkpoint_every_steps: int
   keep_checkpoints: int
   log_every_steps: int
@@ -302,6 +310,18 @@ def _eval(c, data_shards: int) -> EvalSpec:
   return spec
 
 
+def _compile_only(c) -> CompileSpec:
+  co = c.get("compile_only") or {}
+  spec = CompileSpec(topology=str(co.get("topology", "")),
+                     num_classes=int(co.get("num_classes", 527)))
+  if spec.topology and ":" not in spec.topology:
+    _fail("compile_only.topology", f"{spec.topology!r} is not a TPU topology such as "
+          "'v5p:2x2x1' or 'v5e:4x4'")
+  if spec.num_classes <= 0:
+    _fail("compile_only.num_classes", f"must be positive, got {spec.num_classes}")
+  return spec
+
+
 def _data(c) -> DataSpec:
   d = c.data
   return DataSpec(dir=d.dir, train_split=d.train_split, eval_split=d.eval_split,
@@ -340,7 +360,8 @@ def parse(config, num_devices: int, process_count: int = 1) -> RunSpec:
                       weight_decay=float(c.optim.weight_decay)),
       pretrain=_pretrain(c, data_shards, "pretrain" in stages),
       finetune=_finetune(c, data_shards, "finetune" in stages),
-      mesh=mesh, data=_data(c), eval=_eval(c, data_shards),
+      mesh=mesh, data=_data(c), eval=_eval(c, data_shards), compile_only=_compile_only(c),
+      compile_cache_dir=str(c.get("compile_cache_dir", "")),
       checkpoint_every_steps=int(c.checkpoint_every_steps),
       keep_checkpoints=int(c.keep_checkpoints), log_every_steps=int(c.log_every_steps),
       source=c.to_dict() if hasattr(c, "to_dict") else dict(c))

@@ -45,9 +45,20 @@ def parse_config(config) -> RunSpec:
   return config_lib.parse(config, jax.device_count(), jax.process_count())
 
 
+def use_compile_cache(spec: RunSpec, workdir: str, environ=os.environ) -> str | None:
+  """Points JAX's persistent compilation cache at config.compile_cache_dir (default
+  WORKDIR/compile_cache) unless JAX_COMPILATION_CACHE_DIR is set; returns the directory."""
+  if environ.get("JAX_COMPILATION_CACHE_DIR") or spec.compile_cache_dir == "none":
+    return environ.get("JAX_COMPILATION_CACHE_DIR") or None
+  path = os.path.abspath(spec.compile_cache_dir or os.path.join(workdir, "compile_cache"))
+  jax.config.update("jax_compilation_cache_dir", path)
+  return path
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   """What main.py calls: the stage or stages config.mode names."""
   spec = parse_config(config)
+  use_compile_cache(spec, workdir)
   if spec.mode == "eval":
     return evaluate_run(spec, workdir)
   if spec.mode != "pretrain+finetune":

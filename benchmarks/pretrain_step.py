@@ -35,6 +35,7 @@ MiB = 2 ** 20
 
 def make_config(name: str, batch: int | None, ratios: tuple[float, ...] | None):
   config = {"tiny": demo, "Base": base}[name].get_config()
+  config.model.dtype = "float32"  # the CPU figures: float32 (bfloat16 is slower on CPU)
   if batch:
     config.batch_size = batch
   if ratios:

@@ -41,6 +41,9 @@ def get_config(variant: str, arg=None) -> ml_collections.ConfigDict:
   args = parse_arg(arg)
   c = get_common_config()
   c.model.variant = variant
+  # Accelerators: bfloat16 compute; parameters, Adam, LayerNorm, softmax statistics and the
+  # losses stay float32. (The demo keeps float32, which is faster on CPU.)
+  c.model.dtype = "bfloat16"
   c.mode = args["mode"]
   f = c.finetune
   f.dataset = args["dataset"]
@@ -156,6 +159,17 @@ def get_common_config() -> ml_collections.ConfigDict:
   c.mesh.rules = ml_collections.ConfigDict({
       "embed": "fsdp", "mlp": "tensor", "heads": "tensor", "head_dim": None})
   c.mesh.batch_shards = ml_collections.config_dict.placeholder(int)  # masking layout; default: mesh
+
+  # Compile the train step for a TPU topology (e.g. "v5p:4x4x4") on any machine, report memory,
+  # FLOPs, collectives and the cost model's step time, and stop: no dataset, no training.
+  c.compile_only = ml_collections.ConfigDict()
+  c.compile_only.topology = ""
+  c.compile_only.num_classes = 527       # finetuning heads when no dataset says (AudioSet)
+
+  # JAX's persistent compilation cache, so a restarted or preempted run does not compile again:
+  # "" is WORKDIR/compile_cache (shared by the run's processes), "none" turns it off. The
+  # JAX_COMPILATION_CACHE_DIR environment variable, when set, wins.
+  c.compile_cache_dir = ""
 
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3

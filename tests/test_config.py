@@ -19,6 +19,8 @@ def test_specs_carry_the_config_and_are_frozen():
   assert spec.pretrain.schedule.batch_size == c.batch_size
   assert spec.pretrain.mask_ratios == (0.0, 0.2, 0.4, 0.6, 0.8)
   assert spec.finetune.modality_mix == (0.5, 0.25, 0.25)
+  # Model-size configs compute in bfloat16 (float32 parameters); the CPU demo in float32.
+  assert spec.dtype == "bfloat16" and parse(demo.get_config(), 1).dtype == "float32"
   with pytest.raises(dataclasses.FrozenInstanceError):
     spec.seed = 1  # pytype: disable=not-writable
   # The recorded config is the given one, round-tripped through JSON.

@@ -1,4 +1,5 @@
 """Trainer: the loss goes down, sharding does not change the numbers, checkpoints resume exactly."""
+import dataclasses
 import json
 import os
 
@@ -183,3 +184,20 @@ def test_model_init_from_timm_weights(tmp_path):
   config.model_init = str(tmp_path / "missing.npz")
   with pytest.raises(ConfigError, match="config.model_init"):
     parse(config, jax.device_count())
+
+
+def test_compile_cache_defaults_to_the_workdir(tmp_path):
+  spec = parse(tiny_config(), 8)
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    path = train.use_compile_cache(spec, str(tmp_path), environ={})
+    assert path == str(tmp_path / "compile_cache") == jax.config.jax_compilation_cache_dir
+    # The environment (the test session's shared cache, a cluster's) wins; "none" is off.
+    assert train.use_compile_cache(spec, str(tmp_path),
+                                   environ={"JAX_COMPILATION_CACHE_DIR": "/c"}) == "/c"
+    off = dataclasses.replace(spec, compile_cache_dir="none")
+    jax.config.update("jax_compilation_cache_dir", before)
+    assert train.use_compile_cache(off, str(tmp_path), environ={}) is None
+    assert jax.config.jax_compilation_cache_dir == before
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)

@@ -1,0 +1,98 @@
+"""TPU plan: the pretraining step of each model size compiled for TPU slices, from this machine.
+
+  python -m benchmarks.tpu_plan [--cases demo/v5p:2x2x1/bf16,B/v5p:2x2x1/bf16] [--timeout 3600]
+
+Each case (CONFIG/TOPOLOGY/DTYPE[/remat]) runs `main.py --config.compile_only.topology=...` in
+a process of its own (libtpu: requirements-tpu.txt) at the paper's per-chip batch, data
+parallel, and reads its WORKDIR/compile_only.json. A case that does not finish within
+--timeout seconds is reported as such. The table goes to docs/benchmarks.md ("TPU plan").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from benchmarks.report import REPO, command, write_section
+
+CONFIGS = {"demo": "configs/demo.py:mode=pretrain", "B": "configs/base.py",
+           "L": "configs/large.py", "H": "configs/huge.py"}
+# The paper's per-device pretraining batch, rounded to a multiple of the 5 ratio groups.
+PER_CHIP_BATCH = {"demo": 10, "B": 95, "L": 50, "H": 25}
+DEFAULT_CASES = "demo/v5p:2x2x1/float32,demo/v5p:2x2x1/bfloat16,B/v5p:2x2x1/bfloat16"
+
+
+def chips(topology: str) -> int:
+  dims = [int(x) for x in topology.split(":", 1)[1].split("x")]
+  count = 1
+  for d in dims:
+    count *= d
+  return count
+
+
+def run_case(case: str, timeout: int) -> dict:
+  name, topology, dtype, *rest = case.split("/")
+  remat = "remat" in rest
+  batch = PER_CHIP_BATCH[name] * chips(topology)
+  with tempfile.TemporaryDirectory() as work:
+    cmd = [sys.executable, "main.py", f"--config={CONFIGS[name]}", f"--workdir={work}",
+           f"--config.compile_only.topology={topology}", f"--config.model.dtype={dtype}",
+           f"--config.model.remat={remat}", f"--config.batch_size={batch}",
+           "--config.eval.batch_size=" + str(chips(topology)), "--config.compile_cache_dir=none"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    t0 = time.perf_counter()
+    try:
+      proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return {"case": case, "error": f"not finished in {timeout} s"}
+    if proc.returncode:
+      return {"case": case, "error": proc.stderr.strip().splitlines()[-1][:200]}
+    with open(os.path.join(work, "compile_only.json")) as f:
+      report = json.load(f)["pretrain"]
+  return dict(report, case=case, wall_s=time.perf_counter() - t0)
+
+
+def row(r: dict) -> str:
+  if "error" in r:
+    return f"| {r['case']} | {r['error']} |" + " |" * 8
+  flops = r["flops_per_chip"] / r["analytic_flops_per_chip"]
+  speed = ("-" if r["samples_per_s_per_chip"] is None else
+           f"{r['samples_per_s_per_chip']:.1f}")
+  coll = ", ".join(f"{v} {k}" for k, v in sorted(r["collectives"].items()))
+  fits = "yes" if r["fits"] else "NO"
+  return (f"| {r['case']} | {r['batch_per_chip']:g} | {r['lower_s']:.0f} + {r['compile_s']:.0f} "
+          f"| {r['argument_gib']:.2f} + {r['temp_gib']:.2f} | {r['used_gib']:.1f} / "
+          f"{r['hbm_gib']} ({fits}) | {r['flops_per_chip'] / 1e12:.2f} | {flops:.2f} | {coll} "
+          f"| {speed} |")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", default=DEFAULT_CASES)
+  parser.add_argument("--timeout", type=int, default=3600)
+  args = parser.parse_args()
+  results = []
+  for case in args.cases.split(","):
+    results.append(run_case(case, args.timeout))
+    print(results[-1], flush=True)
+  lines = [f"`{command()}`", "",
+           f"Compiled on this machine ({os.cpu_count()} CPUs) with libtpu; nothing runs on a TPU. "
+           "Case: config / topology / compute dtype (parameters and Adam float32); data "
+           "parallel, the paper's per-chip batch. Memory per chip in GiB (arguments + "
+           "temporaries; used = those + outputs - aliased, against the chip's HBM). FLOPs: "
+           "XLA's per chip per step, and its ratio to the analytic matmul count. Samples/s: "
+           "the TPU cost model's estimate per chip ('-' where it gives none).", "",
+           "| case | batch/chip | lower + compile s | GiB args + temp | used / HBM (fits) | "
+           "TFLOP/chip/step | XLA / analytic | collectives | samples/s/chip |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  lines += [row(r) for r in results]
+  write_section("TPU plan", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+  main()

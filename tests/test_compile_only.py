@@ -1,0 +1,66 @@
+"""Compile-only: the real train steps compiled for a TPU slice on a machine without TPUs."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from avsiam_jax import compile_only
+from avsiam_jax.config import ConfigError
+from tests.test_train import tiny_config
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (requirements-tpu.txt)")
+
+
+def tpu_config(mode):
+  c = tiny_config(batch=12)
+  c.mode = mode
+  c.pretrain.mask_ratios = (0.0, 0.4, 0.8)  # 3 per chip: one example per ratio group
+  c.finetune.batch_size = 8
+  c.eval.batch_size = 4
+  c.compile_only.topology = "v5p:2x2x1"
+  c.compile_only.num_classes = 7
+  return c
+
+
+@needs_libtpu
+def test_both_stages_compile_for_a_v5p_slice(tmp_path):
+  reports = compile_only.run(tpu_config("pretrain+finetune"), str(tmp_path))
+  assert set(reports) == {"pretrain", "finetune"}
+  with open(tmp_path / "compile_only.json") as f:
+    assert json.load(f) == json.loads(json.dumps(reports))
+  for stage, r in reports.items():
+    assert r["chips"] == 4 and r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert r["hbm_gib"] == 95 and r["fits"] and 0 < r["used_gib"] < 1
+    assert r["temp_gib"] > 0 and r["compile_s"] > 0
+    # Data parallel: the gradients are summed across the chips.
+    assert r["collectives"].get("all-reduce", 0) >= 1, (stage, r["collectives"])
+    # XLA's count against the analytic matmul count (1.10 and 1.14 here: the rest is norms,
+    # softmax, losses and Adam, a large share at this tiny width).
+    ratio = r["flops_per_chip"] / r["analytic_flops_per_chip"]
+    assert 0.9 < ratio < 1.4, (stage, ratio)
+    assert compile_only.summary(r).startswith(f"{stage} test on v5p:2x2x1 (4 chips")
+
+
+def test_analytic_flops_scale_with_the_kept_tokens():
+  from avsiam_jax.config import parse  # pylint: disable=import-outside-toplevel
+  c = tpu_config("pretrain")
+  c.pretrain.mask_ratios = (0.0,)
+  full = compile_only.analytic_flops_per_sample(parse(c, 1), "pretrain")
+  c.pretrain.mask_ratios = (0.5,)
+  half = compile_only.analytic_flops_per_sample(parse(c, 1), "pretrain")
+  assert half < full
+
+
+def test_bad_topology_is_a_config_error(tmp_path):
+  c = tpu_config("pretrain")
+  c.compile_only.topology = "v5p-2x2"
+  with pytest.raises(ConfigError, match="config.compile_only.topology"):
+    compile_only.run(c, str(tmp_path))
+  c.mode = "eval"
+  c.compile_only.topology = "v5p:2x2x1"
+  if importlib.util.find_spec("libtpu") is not None:
+    with pytest.raises(ConfigError, match="training stages"):
+      compile_only.run(c, str(tmp_path))
+  assert not os.path.exists(tmp_path / "compile_only.json")
