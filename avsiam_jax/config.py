@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from avsiam_jax import losses, masking
 from avsiam_jax.data import records
+from avsiam_jax.models import layers
 from avsiam_jax.models.avsiam import AVSiamSpec
 from avsiam_jax.models.vit import encoder_spec
 from avsiam_jax.weights.load import FORMATS as WEIGHT_FORMATS
@@ -186,7 +187,7 @@ def model_spec(model) -> AVSiamSpec:
         audio_posemb_init=m["audio_posemb_init"], modality_norms=m["modality_norms"],
         double_tokens=m["double_tokens"], separate_audio_patch=m["separate_audio_patch"],
         block_norm_eps=m["block_norm_eps"], final_norm_eps=m["final_norm_eps"],
-        remat=m["remat"])
+        remat=layers.remat_policy(m["remat"]), scan=bool(m.get("scan", False)))
     _ = enc.video_grid, enc.audio_grid  # sizes that do not split into patches fail here
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None

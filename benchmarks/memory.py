@@ -133,7 +133,7 @@ def make_config(case: dict):
   from configs import common  # pylint: disable=g-import-not-at-top
   config = common.get_common_config()
   config.model.variant = VARIANTS[case["model"]]
-  config.model.remat = case["remat"]
+  config.model.remat = "full" if case["remat"] else "none"
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = STRATEGIES[case["strategy"]]
   config.batch_size = case["batch"] * DEVICES
   config.total_steps = 1000
@@ -187,7 +187,7 @@ def run_case(case: dict, dump_dir: str, full_compile: bool) -> None:
     fns = state.make_train_fns(task, mesh, steps_per_epoch=100)
     model = state.abstract_model(task)
   blocks = [x for _, x in nnx.iter_graph(model) if isinstance(x, layers.Block)]
-  if any(x.remat != case["remat"] for x in blocks):
+  if any(x.remat != ("full" if case["remat"] else "none") for x in blocks):
     sys.exit(f"remat {case['remat']} did not reach every block")
   state = fns.abstract_state
   m, b, sh = config.model, config.batch_size, sharding.batch_sharding(mesh)

@@ -1,10 +1,10 @@
 """TPU plan: the pretraining step of each model size compiled for TPU slices, from this machine.
 
-  python -m benchmarks.tpu_plan [--cases demo/v5p:2x2x1/bf16,B/v5p:2x2x1/bf16] [--timeout 3600]
+  python -m benchmarks.tpu_plan [--cases B/v5p:2x2x1/bfloat16/scan,H/v5p:4x4x4/bfloat16/scan/dots]
 
-Each case (CONFIG/TOPOLOGY/DTYPE[/remat]) runs `main.py --config.compile_only.topology=...` in
-a process of its own (libtpu: requirements-tpu.txt) at the paper's per-chip batch, data
-parallel, and reads its WORKDIR/compile_only.json. A case that does not finish within
+Each case (CONFIG/TOPOLOGY/DTYPE[/dots|full][/scan]) runs `main.py` with
+--config.compile_only.topology=TOPOLOGY in a process of its own (libtpu: requirements-tpu.txt)
+at the paper's per-chip batch, data parallel, and reads its WORKDIR/compile_only.json. A case that does not finish within
 --timeout seconds is reported as such. The table goes to docs/benchmarks.md ("TPU plan").
 """
 from __future__ import annotations
@@ -36,12 +36,14 @@ def chips(topology: str) -> int:
 
 def run_case(case: str, timeout: int) -> dict:
   name, topology, dtype, *rest = case.split("/")
-  remat = "remat" in rest
+  remat = next((r for r in rest if r in ("dots", "full")), "none")
+  scan = "scan" in rest
   batch = PER_CHIP_BATCH[name] * chips(topology)
   with tempfile.TemporaryDirectory() as work:
     cmd = [sys.executable, "main.py", f"--config={CONFIGS[name]}", f"--workdir={work}",
            f"--config.compile_only.topology={topology}", f"--config.model.dtype={dtype}",
-           f"--config.model.remat={remat}", f"--config.batch_size={batch}",
+           f"--config.model.remat={remat}", f"--config.model.scan={scan}",
+           f"--config.batch_size={batch}",
            "--config.eval.batch_size=" + str(chips(topology)), "--config.compile_cache_dir=none"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     t0 = time.perf_counter()

@@ -81,7 +81,10 @@ def get_common_config() -> ml_collections.ConfigDict:
   c.model.decoder_norm_eps = 1e-6
   c.model.separate_audio_patch = False   # released checkpoints: audio projection of its own
   c.model.dtype = "float32"              # compute dtype; "bfloat16" keeps float32 weights
-  c.model.remat = False                  # recompute each block in the backward pass (less memory)
+  # Recompute block activations in the backward pass: "none", "dots" (keep the weight matmuls'
+  # outputs) or "full" (keep only block inputs); False/True mean "none"/"full".
+  c.model.remat = "none"
+  c.model.scan = False                   # each stack of blocks as one jax.lax.scan
 
   # Weights to start from when the workdir has no checkpoint: a directory written by
   # `python -m avsiam_jax.weights.convert`, or a source file (format vitjax, timm or avsiam).

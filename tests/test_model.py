@@ -225,6 +225,44 @@ def test_remat_same_loss_and_gradients():
   assert "rematted_computation" in hlo1 and "rematted_computation" not in hlo0
 
 
+def _primitives(jaxpr) -> set[str]:
+  from jax.extend import core  # pylint: disable=g-import-not-at-top
+  names = {eqn.primitive.name for eqn in jaxpr.eqns}
+  for sub in core.subjaxprs(jaxpr):
+    names |= _primitives(sub)
+  return names
+
+
+@pytest.mark.parametrize("remat", ["none", "dots", "full"])
+def test_scanned_blocks_same_loss_and_gradients(remat):
+  config = _pretrain_config(mae_stop_gradient=False)  # reconstruction grads reach the encoder too
+  batch = _batch()
+  loss0, grads0, jaxpr0, _ = _loss_and_grads(AVSiam(_small_spec(), rngs=nnx.Rngs(0)), config,
+                                             batch)
+  loss1, grads1, jaxpr1, _ = _loss_and_grads(
+      AVSiam(_small_spec(scan=True, remat=remat), rngs=nnx.Rngs(0)), config, batch)
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(grads0) == jax.tree.structure(grads1)  # the per-block layout
+  for (path, g0), (_, g1) in zip(jax.tree_util.tree_leaves_with_path(grads0),
+                                 jax.tree_util.tree_leaves_with_path(grads1)):
+    np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(g0).max()),
+                               err_msg=jax.tree_util.keystr(path))
+  assert "scan" not in _primitives(jaxpr0) and "scan" in _primitives(jaxpr1)
+  assert (_count_checkpoints(jaxpr1) > 0) == (remat != "none")
+
+
+def test_scanned_classifier_same_logits():
+  from avsiam_jax.models.classifier import (AVSiamClassifier,  # pylint: disable=g-import-not-at-top
+                                            ClassifierSpec)
+  b = _batch()
+  logits = []
+  for scan in (False, True):
+    enc = _small_spec(scan=scan).encoder
+    model = AVSiamClassifier(ClassifierSpec(enc, num_classes=5), rngs=nnx.Rngs(0))
+    logits.append(nnx.jit(lambda m, a, v: m(audio=a, video=v))(model, b["audio"], b["video"]))
+  np.testing.assert_allclose(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
 def test_avsep_is_avsiam_with_its_own_audio_encoder():
   from avsiam_jax.models.avsep import AVSep  # pylint: disable=g-import-not-at-top
   spec, config, batch = _small_spec(), _pretrain_config(), _batch()

@@ -118,8 +118,7 @@ class AVSiam(nnx.Module):
     if stop_gradient:
       # The paper stops the reconstruction gradient before the multimodal layers.
       x = jax.lax.stop_gradient(x)
-    for block in self.mm_blocks:
-      x = block(x, "x")
+    x = layers.run_blocks(self.mm_blocks, x, "x", scan=self.spec.encoder.scan)
     x = self.decoder_embed(self.mm_norm(x))
 
     parts, split = [], n_keep["a"]
@@ -131,8 +130,7 @@ class AVSiam(nnx.Module):
       full = jnp.take_along_axis(full, restore[m][..., None], axis=1)
       parts.append(full + (self.decoder_posemb[m][...] + self.modality_token[m][...]).astype(x.dtype))
     y = jnp.concatenate(parts, axis=1)
-    for block in self.decoder_blocks:
-      y = block(y, "x")
+    y = layers.run_blocks(self.decoder_blocks, y, "x", scan=self.spec.encoder.scan)
     y = self.decoder_norm(y)
 
     loss, offset = 0.0, 0

@@ -60,8 +60,7 @@ class AVSiamClassifier(nnx.Module):
   def fuse(self, a_BxNaxD, v_BxNvxD):
     """Audio and video tokens through the multimodal blocks -> [mean audio, mean video] (B, 2D)."""
     x = jnp.concatenate([a_BxNaxD, v_BxNvxD], axis=1)
-    for block in self.mm_blocks:
-      x = block(x, "x")
+    x = layers.run_blocks(self.mm_blocks, x, "x", scan=self.encoder.spec.scan)
     n = a_BxNaxD.shape[1]
     return jnp.concatenate([x[:, :n].mean(axis=1), x[:, n:].mean(axis=1)], axis=-1)
 

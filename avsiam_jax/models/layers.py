@@ -82,29 +82,56 @@ class Mlp(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
+# Activation rematerialization of a block in the backward pass: "none" keeps its activations,
+# "dots" keeps only the weight matmuls' outputs (recomputes norms, GELU, attention), "full"
+# keeps only its input and recomputes everything.
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def remat_policy(remat) -> str:
+  """config.model.remat as a policy name; False/True are "none"/"full"."""
+  if remat is None or remat is False:
+    return "none"
+  if remat is True:
+    return "full"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {REMAT_POLICIES} (or a bool), got {remat!r}")
+  return remat
+
+
+def checkpointed(fn, remat: str):
+  """`fn` under jax.checkpoint with the named policy ("none": fn itself)."""
+  if remat == "none":
+    return fn
+  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots"
+            else None)
+  return jax.checkpoint(fn, policy=policy)
+
+
 class Block(nnx.Module):
   """Pre-norm transformer block whose LayerNorms may differ per input stream.
 
   `streams` names the norm sets, e.g. ("a", "v") for per-modality norms in the shared encoder
   or ("x",) for a single set; attention and MLP weights are always shared.
-  With `remat`, the backward pass recomputes the block's activations from its input instead of
-  keeping them: less memory for about one more forward pass of compute.
+  With `remat` ("dots" or "full", see REMAT_POLICIES), the backward pass recomputes the block's
+  activations from its input instead of keeping them: less memory for up to one more forward
+  pass of compute.
   """
 
   def __init__(self, dim: int, heads: int, mlp: int, *, streams: tuple[str, ...], eps: float,
-               rngs: nnx.Rngs, dtype: Dtype = jnp.float32, remat: bool = False):
+               rngs: nnx.Rngs, dtype: Dtype = jnp.float32, remat="none"):
     self.norm1 = nnx.Dict({s: LayerNorm(dim, eps=eps, rngs=rngs, dtype=dtype) for s in streams})
     self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype)
     self.norm2 = nnx.Dict({s: LayerNorm(dim, eps=eps, rngs=rngs, dtype=dtype) for s in streams})
     self.mlp = Mlp(dim, mlp, rngs=rngs, dtype=dtype)
-    self.remat = remat
+    self.remat = remat_policy(remat)
 
   def forward(self, x, stream: str):
     x = x + self.attn(self.norm1[stream](x))
     return x + self.mlp(self.norm2[stream](x))
 
   def __call__(self, x, stream: str):
-    if not self.remat:
+    if self.remat == "none":
       return self.forward(x, stream)
     # A pure function of (weights, input) so jax.checkpoint sees every weight as an input and
     # saves nothing but them and x; the block only reads its weights, so nothing is written back.
@@ -112,4 +139,23 @@ class Block(nnx.Module):
 
     def run(state, x):
       return nnx.merge(graphdef, state).forward(x, stream)
-    return jax.checkpoint(run)(state, x)
+    return checkpointed(run, self.remat)(state, x)
+
+
+def run_blocks(blocks, x, stream: str, *, scan: bool = False):
+  """x through `blocks` in order: unrolled, or as one jax.lax.scan over their stacked weights.
+
+  The scan compiles one block body instead of len(blocks): the parameters keep their per-block
+  layout (checkpoints and converters are unchanged) and are stacked inside the step, which
+  costs a copy of the blocks' weights per call. Numerically the same computation.
+  """
+  if not scan or len(blocks) < 2:
+    for block in blocks:
+      x = block(x, stream)
+    return x
+  graphdef, _ = nnx.split(blocks[0])
+  stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *(nnx.split(b)[1] for b in blocks))
+
+  def body(x, state):
+    return nnx.merge(graphdef, state).forward(x, stream), None
+  return jax.lax.scan(checkpointed(body, blocks[0].remat), x, stacked)[0]

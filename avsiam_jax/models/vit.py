@@ -45,9 +45,11 @@ class EncoderSpec:
   separate_audio_patch: bool = False  # released: audio projection trained apart (from the mean)
   block_norm_eps: float = 1e-5
   final_norm_eps: float = 1e-6
-  # Recompute each block's activations in the backward pass (encoder and multimodal blocks):
-  # same numbers, less memory, about a third more compute.
-  remat: bool = False
+  # Recompute block activations in the backward pass (encoder, multimodal and decoder blocks):
+  # same numbers, less memory, more compute; layers.REMAT_POLICIES ("none", "dots", "full").
+  remat: str = "none"
+  # Run each stack of blocks as one jax.lax.scan (layers.run_blocks): one block body to compile.
+  scan: bool = False
 
   @property
   def video_grid(self) -> tuple[int, int]:
@@ -184,8 +186,7 @@ class Encoder(nnx.Module):
   def encode_tokens(self, x_BxNxD, modality: str):
     """Blocks and final norm over (possibly masked) embedded tokens."""
     s = self.spec.stream(modality)
-    for block in self.blocks:
-      x_BxNxD = block(x_BxNxD, s)
+    x_BxNxD = layers.run_blocks(self.blocks, x_BxNxD, s, scan=self.spec.scan)
     return self.norm[s](x_BxNxD)
 
   def __call__(self, x, modality: str):
