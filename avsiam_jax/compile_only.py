@@ -46,6 +46,8 @@ def topology_devices(topology: str) -> list:
   # Without these libtpu probes the machine for TPU hosts and logs errors about it.
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip_name(topology)}-8")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # No TPU is opened, so several compile-only processes may load libtpu at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
   except Exception as e:  # pylint: disable=broad-except  # libtpu missing or a bad name

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from avsiam_jax import checkpoint, losses
+from avsiam_jax import checkpoint, losses, optim
 from avsiam_jax.config import FinetuneSpec, RunSpec
 from avsiam_jax.data import pipeline
 from avsiam_jax.evaluators.classification import aggregate_frames
@@ -46,12 +46,12 @@ def finetune_loss(params, graphdef, batch, branch, kind: str):
   return losses.classification_loss(logits, batch["labels"], kind)
 
 
-def train_step(state, batch, base_key, *, graphdef, tx, schedule, f: FinetuneSpec):
+def train_step(state, batch, base_key, *, graphdef, groups, schedule, f: FinetuneSpec):
   branch = branch_index(jax.random.fold_in(base_key, state["step"]), f.modality_mix)
   loss, grads = jax.value_and_grad(finetune_loss)(state["params"], graphdef, batch, branch,
                                                   f.loss)
-  updates, opt = tx.update(grads, state["opt"]["total"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
+  params, opt = optim.apply_group(groups["total"], grads, state["opt"]["total"],
+                                  state["params"])
   metrics = {"loss": loss, "branch": branch, "grad_norm": optax.tree.norm(grads),
              "lr": schedule(state["step"])}
   return {"params": params, "opt": {"total": opt}, "step": state["step"] + 1}, metrics
@@ -86,7 +86,6 @@ class FinetuneTask:
 
   name = "finetune"
   batch_keys = ("audio", "video", "labels")
-  opt_names = ("total",)
 
   def __init__(self, spec: RunSpec, num_classes: int):
     self.spec, self.num_classes = spec, num_classes
@@ -96,11 +95,15 @@ class FinetuneTask:
     return AVSiamClassifier(classifier_spec(self.spec, self.num_classes), rngs=rngs,
                             dtype=self.spec.compute_dtype)
 
+  @staticmethod
+  def opt_groups(param_keys) -> dict[str, tuple[str, ...]]:
+    return {"total": tuple(param_keys)}  # one optimizer; per-group rates by lr_multipliers
+
   def lr_multipliers(self, params):
     return lr_multipliers(params, self.spec.finetune)
 
-  def train_step(self, state, batch, key, *, graphdef, tx, schedule):
-    return train_step(state, batch, key, graphdef=graphdef, tx=tx, schedule=schedule,
+  def train_step(self, state, batch, key, *, graphdef, groups, schedule):
+    return train_step(state, batch, key, graphdef=graphdef, groups=groups, schedule=schedule,
                       f=self.spec.finetune)
 
   def eval_step(self, params, batch, *, graphdef):

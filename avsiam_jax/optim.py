@@ -1,5 +1,8 @@
-"""The optimizer both stages use: Adam with torch's L2 weight decay and a step-decay schedule."""
+"""The optimizer both stages use: Adam with torch's L2 weight decay and a step-decay schedule,
+one optimizer per group of parameters a loss reaches."""
 from __future__ import annotations
+
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,3 +37,33 @@ def make_optimizer(o: OptimSpec, schedule, lr_multipliers=None) -> optax.Gradien
   if lr_multipliers is not None:
     parts.append(scale_by_multipliers(lr_multipliers))
   return optax.chain(*parts)
+
+
+class OptGroup(NamedTuple):
+  """One optimizer: the top-level parameter subtrees it updates, and its transformation."""
+  keys: tuple[str, ...]
+  tx: optax.GradientTransformation
+
+
+def subset(tree: dict, keys: Sequence[str]) -> dict:
+  """The top-level subtrees `keys` of a params-shaped dict."""
+  return {k: tree[k] for k in keys}
+
+
+def make_groups(o: OptimSpec, schedule, groups: dict[str, Sequence[str]],
+                lr_multipliers=None) -> dict[str, OptGroup]:
+  """{name: OptGroup} for a task's groups ({name: top-level parameter keys}), in order.
+
+  A group's optimizer holds moments for its own parameters only and never touches the others
+  (as torch skips parameters whose gradient is None), weight decay included.
+  """
+  return {name: OptGroup(tuple(keys), make_optimizer(
+      o, schedule, None if lr_multipliers is None else subset(lr_multipliers, keys)))
+          for name, keys in groups.items()}
+
+
+def apply_group(group: OptGroup, grads: dict, opt_state, params: dict):
+  """(new params, new optimizer state): one group's step; other parameters stay as they are."""
+  updates, opt_state = group.tx.update(subset(grads, group.keys), opt_state,
+                                       subset(params, group.keys))
+  return {**params, **optax.apply_updates(subset(params, group.keys), updates)}, opt_state

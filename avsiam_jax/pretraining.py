@@ -13,16 +13,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from avsiam_jax import losses, masking
+from avsiam_jax import losses, masking, optim
 from avsiam_jax.config import PretrainSpec, RunSpec
 from avsiam_jax.data import pipeline
 from avsiam_jax.models.avsiam import AVSiam
 from avsiam_jax.weights import load
 
 
-def loss_names(p: PretrainSpec) -> tuple[str, ...]:
-  """One optimizer state per entry: both losses together, or one per loss as released."""
-  return ("contrastive", "reconstruction") if p.separate_optimizers else ("total",)
+# The parameter subtrees the contrastive loss reaches (AVSep: the audio encoder too).
+ENCODERS = ("encoder", "audio_encoder")
 
 
 def group_features(model, x, modality: str, perm_SxGxg, noise, ratios: Sequence[float], *,
@@ -147,18 +146,30 @@ def accumulated_losses_and_grads(params, graphdef, batch, key, p: PretrainSpec, 
   return (sum(parts.values()), parts), grads
 
 
-def train_step(state, batch, base_key, *, graphdef, tx, schedule, p: PretrainSpec):
+def opt_groups(param_keys, p: PretrainSpec) -> dict[str, tuple[str, ...]]:
+  """The top-level parameters each optimizer updates: all for one optimizer; with one per loss,
+  the encoders for the contrastive loss and the rest (plus the encoders when the reconstruction
+  gradient is not stopped) for reconstruction: the parameters each loss reaches."""
+  keys = tuple(param_keys)
+  if not p.separate_optimizers:
+    return {"total": keys}
+  encoders = tuple(k for k in keys if k in ENCODERS)
+  rest = tuple(k for k in keys if k not in ENCODERS)
+  return {"contrastive": encoders,
+          "reconstruction": rest if p.mae_stop_gradient else keys}
+
+
+def train_step(state, batch, base_key, *, graphdef, groups, schedule, p: PretrainSpec):
   key = jax.random.fold_in(base_key, state["step"])
   params, opt, metrics = state["params"], dict(state["opt"]), {}
   if p.accum_steps == 1:
     grad_fn = jax.value_and_grad(pretrain_losses, has_aux=True)
   else:
     grad_fn = accumulated_losses_and_grads
-  for name in loss_names(p):
+  for name, group in groups.items():
     # With separate optimizers the reconstruction step sees the contrastive update, as released.
     (loss, parts), grads = grad_fn(params, graphdef, batch, key, p, name)
-    updates, opt[name] = tx.update(grads, opt[name], params)
-    params = optax.apply_updates(params, updates)
+    params, opt[name] = optim.apply_group(group, grads, opt[name], params)
     metrics.update(parts)
     metrics[f"grad_norm_{name}"] = optax.tree.norm(grads)
   metrics["loss"] = sum(metrics[k] for k in ("contrastive", "reconstruction"))
@@ -182,17 +193,19 @@ class PretrainTask:
   def __init__(self, spec: RunSpec):
     self.spec = spec
     self.schedule = spec.pretrain.schedule
-    self.opt_names = loss_names(spec.pretrain)
 
   def model(self, rngs: nnx.Rngs) -> AVSiam:
     return AVSiam(self.spec.model, rngs=rngs, dtype=self.spec.compute_dtype)
+
+  def opt_groups(self, param_keys) -> dict[str, tuple[str, ...]]:
+    return opt_groups(param_keys, self.spec.pretrain)
 
   def lr_multipliers(self, params):
     del params
     return None
 
-  def train_step(self, state, batch, key, *, graphdef, tx, schedule):
-    return train_step(state, batch, key, graphdef=graphdef, tx=tx, schedule=schedule,
+  def train_step(self, state, batch, key, *, graphdef, groups, schedule):
+    return train_step(state, batch, key, graphdef=graphdef, groups=groups, schedule=schedule,
                       p=self.spec.pretrain)
 
   def eval_step(self, params, batch, *, graphdef):

@@ -1,7 +1,8 @@
 """A task's train state on a mesh: its shardings, and the compiled init, train and eval steps.
 
-The state is {"params", "opt": {optimizer group: optax state}, "step"}; parameters are sharded
-by their logical axes (config.mesh.rules), the Adam moments like their parameters.
+The state is {"params", "opt": {optimizer group: optax state of its parameters}, "step"};
+parameters are sharded by their logical axes (config.mesh.rules), the Adam moments like their
+parameters.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ def param_shardings(task, mesh) -> dict:
                                   dict(task.spec.mesh.rules))
 
 
-def create_state(task, tx, key) -> dict:
+def create_state(task, groups: dict[str, optim.OptGroup], key) -> dict:
   params = nnx.to_pure_dict(nnx.state(task.model(nnx.Rngs(params=key)), nnx.Param))
-  return {"params": params, "opt": {n: tx.init(params) for n in task.opt_names},
+  return {"params": params,
+          "opt": {n: g.tx.init(optim.subset(params, g.keys)) for n, g in groups.items()},
           "step": jnp.zeros((), jnp.int32)}
 
 
@@ -69,16 +71,20 @@ def make_train_fns(task, mesh, steps_per_epoch: int) -> TrainFns:
   schedule = optim.lr_schedule(task.schedule, steps_per_epoch)
   ev = make_eval_fns(task, mesh)
   params_sh = jax.tree.map(lambda a: a.sharding, ev.abstract_params)
-  tx = optim.make_optimizer(task.spec.optim, schedule, task.lr_multipliers(
-      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), ev.abstract_params)))
-  shapes = jax.eval_shape(functools.partial(create_state, task, tx), jax.random.key(0))
+  abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                 ev.abstract_params)
+  groups = optim.make_groups(task.spec.optim, schedule, task.opt_groups(list(abstract_params)),
+                             task.lr_multipliers(abstract_params))
+  shapes = jax.eval_shape(functools.partial(create_state, task, groups), jax.random.key(0))
   repl = sharding.replicated(mesh)
-  opt_sh = {n: optax.tree_map_params(tx, lambda _, s: s, shapes["opt"][n], params_sh,
+  opt_sh = {n: optax.tree_map_params(g.tx, lambda _, s: s, shapes["opt"][n],
+                                     optim.subset(params_sh, g.keys),
                                      transform_non_params=lambda _: repl)
-            for n in task.opt_names}
+            for n, g in groups.items()}
   shardings = {"params": params_sh, "opt": opt_sh, "step": repl}
-  step_fn = functools.partial(task.train_step, graphdef=ev.graphdef, tx=tx, schedule=schedule)
-  init = jax.jit(functools.partial(create_state, task, tx), out_shardings=shardings)
+  step_fn = functools.partial(task.train_step, graphdef=ev.graphdef, groups=groups,
+                              schedule=schedule)
+  init = jax.jit(functools.partial(create_state, task, groups), out_shardings=shardings)
   step = jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh), repl),
                  out_shardings=(shardings, repl), donate_argnums=(0,))
   return TrainFns(init, step, ev.eval_step, checkpoint.abstract_with_shardings(shapes, shardings),

@@ -10,6 +10,7 @@ at the paper's per-chip batch, data parallel, and reads its WORKDIR/compile_only
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import subprocess
@@ -77,11 +78,16 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", default=DEFAULT_CASES)
   parser.add_argument("--timeout", type=int, default=3600)
+  parser.add_argument("--include", default="",
+                      help="results printed by an earlier run (one dict per line), listed first")
   args = parser.parse_args()
   results = []
+  if args.include:
+    with open(args.include) as f:
+      results = [ast.literal_eval(line) for line in f if line.startswith("{")]
   for case in args.cases.split(","):
     results.append(run_case(case, args.timeout))
-    print(results[-1], flush=True)
+    print(results[-1], flush=True)  # one line per case, for --include
   lines = [f"`{command()}`", "",
            f"Compiled on this machine ({os.cpu_count()} CPUs) with libtpu; nothing runs on a TPU. "
            "Case: config / topology / compute dtype (parameters and Adam float32); data "
