@@ -44,6 +44,11 @@ class Schedule:
   epochs: int
   total_steps: int | None  # overrides epochs
   batch_size: int          # global
+  epoch_length: float = 1.0  # samples per epoch, in training-split lengths
+
+  def steps_per_epoch(self, num_train: int) -> int:
+    """Steps of one epoch of epoch_length x num_train samples (at least one)."""
+    return max(1, int(round(self.epoch_length * num_train)) // self.batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,8 +227,11 @@ def _schedule(c, prefix: str, data_shards: int, check: bool) -> Schedule:
   s = Schedule(lr=float(lr_section.lr), decay_start_epoch=int(lr_section.decay_start_epoch),
                decay_rate=float(lr_section.decay_rate),
                decay_every_epochs=int(lr_section.decay_every_epochs),
-               epochs=int(c.epochs), total_steps=c.total_steps, batch_size=int(c.batch_size))
+               epochs=int(c.epochs), total_steps=c.total_steps, batch_size=int(c.batch_size),
+               epoch_length=float(c.get("epoch_length", 1.0)) if prefix else 1.0)
   if check:
+    if s.epoch_length <= 0:
+      _fail(f"{prefix}epoch_length", f"must be positive, got {s.epoch_length}")
     if s.batch_size <= 0 or s.batch_size % data_shards:
       _fail(f"{prefix}batch_size", f"{s.batch_size} must be a positive multiple of the "
             f"{data_shards} devices that split the batch (mesh data x fsdp)")

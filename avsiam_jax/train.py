@@ -130,10 +130,10 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
   task = make_task(spec, spec.mode, len(label_names))
   sched = task.schedule
   num_train = info["splits"][spec.data.train_split]["num_examples"]
-  steps_per_epoch = num_train // sched.batch_size
-  if steps_per_epoch == 0:
+  if sched.batch_size > num_train:
     raise ConfigError(f"batch size {sched.batch_size} exceeds the {num_train} training clips in "
                       f"{ds_dir}")
+  steps_per_epoch = sched.steps_per_epoch(num_train)
   total_steps = sched.total_steps or sched.epochs * steps_per_epoch
   _write_json(os.path.join(workdir, checkpoint.CONFIG_FILE), spec.record())
   if label_names:

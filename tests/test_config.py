@@ -91,3 +91,17 @@ def test_dataset_dir_errors_name_the_field(tmp_path):
   c.data.dir = str(tmp_path / "nope")
   with pytest.raises(ConfigError, match="does not exist"):
     config_lib.dataset_dir(parse(c, 8), str(tmp_path))
+
+
+def test_finetuning_epochs_in_samples():
+  # The released AS-2M / VGGSound runs: 8 GPUs, each a full-length weighted sampler per epoch.
+  for dataset, length in (("as20k", 1.0), ("as2m", 8.0), ("vggsound", 8.0), ("custom", 1.0)):
+    spec = parse(base.get_config(f"mode=finetune,dataset={dataset}"), 8)
+    assert spec.finetune.schedule.epoch_length == length, dataset
+  s = parse(base.get_config("mode=finetune,dataset=vggsound"), 8).finetune.schedule
+  assert s.batch_size == 128 and s.steps_per_epoch(1000) == 8000 // 128
+  assert dataclasses.replace(s, epoch_length=1.0).steps_per_epoch(1000) == 1000 // 128
+  c = base.get_config("mode=finetune")
+  c.finetune.epoch_length = 0.0
+  with pytest.raises(ConfigError, match=r"config\.finetune\.epoch_length: must be positive"):
+    parse(c, 8)

@@ -149,6 +149,10 @@ def test_config_arg_fills_paper_tables():
   assert (c.mode, f.lr, f.head_lr_mult, f.decay_rate, f.loss, f.balanced) == (
       "finetune", 5e-6, 50, 0.5, "ce", True)
   assert f.batch_size == 16 * 8
+  assert f.mm_lr_mult == 1.0  # VGGSound: multimodal blocks at the base rate, as released
+  for dataset in ("as20k", "as2m"):  # AudioSet: at 100x, as released
+    assert common.get_config("B/16", f"mode=finetune,dataset={dataset}").finetune.mm_lr_mult == 100
+  assert common.get_config("B/16", "mode=finetune").finetune.mm_lr_mult == 1.0  # custom
   c = common.get_config("B/16", "mode=finetune,dataset=as20k")
   assert (c.finetune.lr, c.finetune.head_lr_mult, c.finetune.loss, c.finetune.balanced) == (
       1e-4, 100, "bce", False)
