@@ -117,6 +117,8 @@ class EvalSpec:
   batch_size: int
   frame: int
   plot_classes: int
+  every_epoch: bool = False   # evaluate each epoch, keep the best (model selection)
+  early_stop_epochs: int = 0  # with every_epoch: stop after this many epochs without a gain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,7 +309,11 @@ def _eval(c, data_shards: int) -> EvalSpec:
   e = c.eval
   spec = EvalSpec(every_steps=int(e.every_steps), max_clips=int(e.max_clips),
                   retrieval_clips=int(e.retrieval_clips), batch_size=int(e.batch_size),
-                  frame=int(e.frame), plot_classes=int(e.plot_classes))
+                  frame=int(e.frame), plot_classes=int(e.plot_classes),
+                  every_epoch=bool(e.get("every_epoch", False)),
+                  early_stop_epochs=int(e.get("early_stop_epochs", 0)))
+  if spec.early_stop_epochs < 0:
+    _fail("eval.early_stop_epochs", f"must be >= 0 (0: never), got {spec.early_stop_epochs}")
   if spec.batch_size <= 0 or spec.batch_size % data_shards:
     _fail("eval.batch_size", f"{spec.batch_size} must be a positive multiple of the "
           f"{data_shards} devices that split the batch (mesh data x fsdp)")

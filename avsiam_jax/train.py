@@ -22,7 +22,8 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from avsiam_jax import checkpoint, finetuning, pretraining, progress, sharding, state
+from avsiam_jax import (checkpoint, finetuning, pretraining, progress, selection, sharding,
+                        state)
 from avsiam_jax import config as config_lib
 from avsiam_jax.config import ConfigError, RunSpec
 from avsiam_jax.data import demo, records
@@ -170,6 +171,9 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
 
   # ----- Eval -------------------------------------------------------------------------------
   evaluator = Evaluator(spec, ds_dir, fns.eval_step, mesh)
+  best = selection.BestTracker(workdir, spec.eval.early_stop_epochs) if spec.eval.every_epoch \
+      else None
+  loss = spec.finetune.loss if task.name == "finetune" else None
 
   # ----- Loop -------------------------------------------------------------------------------
   logging.info("Compiling the train step, then training from step %d; a progress line every "
@@ -177,6 +181,8 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
   logger = progress.Logger(workdir, total_steps, sched.batch_size, task.log_fields)
   stop = progress.StopRequest()
   step = int(train_state["step"])
+  if best and best.stop:  # stopped early before a restart
+    total_steps = step
   while step < total_steps:
     host_batch = next(train_iter)
     batch = sharding.global_batch({k: host_batch[k] for k in task.batch_keys}, mesh)
@@ -186,6 +192,16 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
       logger.progress(step, jax.tree.map(float, jax.device_get(metrics)))
     if spec.eval.every_steps and step % spec.eval.every_steps == 0:
       logger.scalars(step, flat_scalars(evaluator(train_state["params"])))
+    if best and step % steps_per_epoch == 0:
+      epoch_results = evaluator(train_state["params"])
+      logger.scalars(step, flat_scalars(epoch_results))
+      metric = selection.score(epoch_results, loss)
+      if best.update(step, step // steps_per_epoch, epoch_results, metric, train_state,
+                     train_iter.get_state(), workdir):
+        logging.info("Epoch %d: %s %.4f, the best so far", step // steps_per_epoch, *metric)
+      if best.stop:
+        logging.info("Stopping early: no gain for %d epochs", spec.eval.early_stop_epochs)
+        total_steps = step
     stopping = stop(step)
     if ckpt.due(step) or step == total_steps or stopping:
       ckpt.save(step, train_state, train_iter.get_state())
@@ -199,6 +215,13 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
                       title=task.name)
   logger.scalars(step, flat_scalars(results))
   ckpt.close()
+  if best:
+    # The released protocol reports the best epoch (selected on this same split).
+    stopped_early = best.stop
+    best.close()
+    if best.state["best_results"] is not None:
+      results = dict(best.state["best_results"], last_step=dict(results, step=step))
+    results["model_selection"] = best.summary(stopped_early)
   results = dict(results, step=step)
   _write_json(os.path.join(workdir, "results.json"), results)
   logging.info("Step %d, %s", step, summary(results))

@@ -162,6 +162,10 @@ def get_common_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.eval.frame = 5                       # the middle of the 10 stored frames (retrieval)
   c.eval.plot_classes = 10               # embedding plot: the most frequent classes
+  # Released finetuning: evaluate every epoch, report the best epoch and keep its checkpoint
+  # (WORKDIR/best), stop after early_stop_epochs epochs without improvement (0: never).
+  c.eval.every_epoch = False
+  c.eval.early_stop_epochs = 3
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

@@ -175,3 +175,27 @@ def test_bad_finetune_configs_fail_before_compute(tmp_path, dataset):
   with pytest.raises(ConfigError, match="config.json"):
     train.run(config, str(tmp_path / "empty"))
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_every_epoch_keeps_the_best_epoch_and_stops_early(tmp_path, dataset, pretrained):
+  # lr 0: every epoch scores the same, so the first stays the best and the second, without a
+  # gain, stops the run (patience 1).
+  config = finetune_config(dataset, init_checkpoint=pretrained, lr=0.0, total_steps=None,
+                           epochs=5)
+  config.eval.every_epoch, config.eval.early_stop_epochs = True, 1
+  work = str(tmp_path / "ft")
+  results = train.run(config, work)
+  spe = 40 // 16  # training clips / batch
+  sel = results["model_selection"]
+  assert sel["best_step"] == spe and sel["best_epoch"] == 1 and sel["stopped_early"]
+  assert sel["metric"] == "audio-visual/top1"  # single-label (ce)
+  assert results["step"] == 2 * spe and results["last_step"]["step"] == 2 * spe
+  assert results["audio-visual"]["top1"] == pytest.approx(sel["best_score"])
+  with open(os.path.join(work, "results.json")) as f:
+    assert json.load(f)["model_selection"]["best_step"] == spe
+  # The best epoch is a run directory of its own.
+  from avsiam_jax import checkpoint, inference  # pylint: disable=import-outside-toplevel
+  assert checkpoint.load_run(sel["checkpoint"]).step == spe
+  assert inference.Predictor.load(sel["checkpoint"]).label_names
+  # A restart does not train on after the early stop.
+  assert train.run(config, work)["step"] == 2 * spe

@@ -1,0 +1,80 @@
+"""Model selection as the released finetuning does it: evaluate every epoch, keep the best
+epoch's checkpoint and figures, stop after a number of epochs without improvement.
+
+The best checkpoint is a run directory of its own, WORKDIR/best (config.json, label names,
+checkpoints/<step>), so `Predictor.load(WORKDIR/best)` and finetuning from it work as for any
+run. The tracker's state (WORKDIR/best/selection.json) survives a restart.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+
+from avsiam_jax import checkpoint
+
+
+def score(results: dict[str, Any], loss: str | None) -> tuple[str, float]:
+  """(name, value) of the figure that selects the model: audio-visual mAP (multi-label) or
+  top-1 (single-label) for a classifier, the mean zero-shot R@1 of both directions otherwise."""
+  if "audio-visual" in results:
+    key = "top1" if loss == "ce" else "mAP"
+    return f"audio-visual/{key}", float(results["audio-visual"][key])
+  r = results["retrieval"]
+  return "retrieval/mean_r1", (float(r["v2a_r1"]) + float(r["a2v_r1"])) / 2
+
+
+class BestTracker:
+  """Per-epoch results in, the best epoch's checkpoint and results kept."""
+
+  def __init__(self, workdir: str, patience: int):
+    self.dir = os.path.join(workdir, "best")
+    self.path = os.path.join(self.dir, "selection.json")
+    self.patience = patience
+    self.state = {"best_step": None, "best_epoch": None, "metric": None, "best_score": None,
+                  "best_results": None, "epochs_since_best": 0}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.state = json.load(f)
+    self.ckpt = checkpoint.Checkpointer(os.path.join(self.dir, "checkpoints"), every_steps=0,
+                                        keep=1)
+
+  def update(self, step: int, epoch: int, results: dict[str, Any], metric: tuple[str, float],
+             train_state, data_state, workdir: str) -> bool:
+    """Records an epoch's results; saves its checkpoint if it is the best so far."""
+    name, value = metric
+    best = self.state["best_score"]
+    improved = best is None or value > best
+    if improved:
+      self.ckpt.save(step, train_state, data_state)
+      self.ckpt.manager.wait_until_finished()
+      if jax.process_index() == 0:
+        for f in (checkpoint.CONFIG_FILE, checkpoint.LABELS_FILE):
+          if os.path.exists(os.path.join(workdir, f)):
+            shutil.copy(os.path.join(workdir, f), os.path.join(self.dir, f))
+      self.state.update(best_step=step, best_epoch=epoch, metric=name, best_score=value,
+                        best_results=results, epochs_since_best=0)
+    else:
+      self.state["epochs_since_best"] += 1
+    if jax.process_index() == 0:
+      with open(self.path, "w") as f:
+        json.dump(self.state, f, indent=1)
+    return improved
+
+  @property
+  def stop(self) -> bool:
+    return 0 < self.patience <= self.state["epochs_since_best"]
+
+  def summary(self, stopped_early: bool) -> dict[str, Any]:
+    """What results.json says about the selection."""
+    return {"every_epoch": True, "metric": self.state["metric"],
+            "best_step": self.state["best_step"], "best_epoch": self.state["best_epoch"],
+            "best_score": self.state["best_score"], "early_stop_epochs": self.patience,
+            "stopped_early": stopped_early, "checkpoint": self.dir,
+            "note": "figures of the best epoch on the eval split, which also selected it"}
+
+  def close(self) -> None:
+    self.ckpt.close()
