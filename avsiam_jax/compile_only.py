@@ -124,6 +124,15 @@ def collectives(hlo_text: str) -> dict[str, int]:
   return dict(collections.Counter(_COLLECTIVE_RE.findall(hlo_text)))
 
 
+def refused_temp_gib(message: str) -> float | None:
+  """GiB of temporaries the TPU compiler asked for when it refused a program for lack of HBM
+  ("RESOURCE_EXHAUSTED: ... HLO temporaries (99.72G) exceeds ..."); None for other errors."""
+  need = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+  if "RESOURCE_EXHAUSTED" not in message or not need:
+    return None
+  return float(need.group(1)) * 1024.0 ** ("KMGT".index(need.group(2)) - 2)
+
+
 def compile_stage(spec: RunSpec, stage: str, devices: list) -> dict[str, Any]:
   """Lowers and compiles `stage`'s train step on a mesh of `devices`; the report as a dict."""
   num_classes = spec.compile_only.num_classes if stage == "finetune" else 0
@@ -132,15 +141,27 @@ def compile_stage(spec: RunSpec, stage: str, devices: list) -> dict[str, Any]:
   fns = state.make_train_fns(task, mesh, steps_per_epoch=1000)
   batch = _batch(spec, stage, mesh, num_classes)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
-  t0 = time.perf_counter()
-  lowered = fns.step.lower(fns.abstract_state, batch, key)
-  t1 = time.perf_counter()
-  compiled = lowered.compile()
-  t2 = time.perf_counter()
-  mem, cost = compiled.memory_analysis(), _cost(compiled)
   chips = len(devices)
   per_chip_batch = task.schedule.batch_size / chips
   hbm = HBM_GIB.get(chip_name(spec.compile_only.topology))
+  t0 = time.perf_counter()
+  lowered = fns.step.lower(fns.abstract_state, batch, key)
+  t1 = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    need_gib = refused_temp_gib(str(e))
+    if need_gib is None:
+      raise
+    return {"stage": stage, "topology": spec.compile_only.topology, "chips": chips,
+            "mesh": dict(zip(config_lib.MESH_AXES, spec.mesh.shape)), "dtype": spec.dtype,
+            "remat": spec.model.encoder.remat, "scan": spec.model.encoder.scan,
+            "variant": spec.variant, "batch": task.schedule.batch_size,
+            "batch_per_chip": per_chip_batch, "lower_s": t1 - t0,
+            "compile_s": time.perf_counter() - t1, "temp_gib": need_gib,
+            "hbm_gib": hbm, "fits": False, "error": str(e).splitlines()[0][:300]}
+  t2 = time.perf_counter()
+  mem, cost = compiled.memory_analysis(), _cost(compiled)
   used = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes) / GiB
   analytic = analytic_flops_per_sample(spec, stage) * per_chip_batch
@@ -148,9 +169,9 @@ def compile_stage(spec: RunSpec, stage: str, devices: list) -> dict[str, Any]:
   report = {
       "stage": stage, "topology": spec.compile_only.topology, "chips": chips,
       "mesh": dict(zip(config_lib.MESH_AXES, spec.mesh.shape)), "dtype": spec.dtype,
-      "remat": spec.model.encoder.remat, "variant": spec.variant,
-      "batch": task.schedule.batch_size, "batch_per_chip": per_chip_batch,
-      "lower_s": t1 - t0, "compile_s": t2 - t1,
+      "remat": spec.model.encoder.remat, "scan": spec.model.encoder.scan,
+      "variant": spec.variant, "batch": task.schedule.batch_size,
+      "batch_per_chip": per_chip_batch, "lower_s": t1 - t0, "compile_s": t2 - t1,
       "argument_gib": mem.argument_size_in_bytes / GiB, "output_gib": mem.output_size_in_bytes / GiB,
       "alias_gib": mem.alias_size_in_bytes / GiB, "temp_gib": mem.temp_size_in_bytes / GiB,
       "used_gib": used, "hbm_gib": hbm, "fits": None if hbm is None else used <= hbm,
@@ -163,6 +184,11 @@ def compile_stage(spec: RunSpec, stage: str, devices: list) -> dict[str, Any]:
 
 
 def summary(r: dict[str, Any]) -> str:
+  if "error" in r:
+    return (f"{r['stage']} {r['variant']} on {r['topology']} ({r['chips']} chips, "
+            f"{r['dtype']}, batch {r['batch_per_chip']:g}/chip): DOES NOT FIT: "
+            f"{r['temp_gib']:.1f} GiB of temporaries for {r['hbm_gib']} GiB of HBM "
+            f"(compile refused after {r['compile_s']:.0f} s)")
   fits = ("" if r["hbm_gib"] is None else
           f" of {r['hbm_gib']} GiB HBM: {'fits' if r['fits'] else 'DOES NOT FIT'} by "
           f"{abs(r['hbm_gib'] - r['used_gib']):.3g} GiB")

@@ -53,14 +53,19 @@ def run_case(case: str, timeout: int) -> dict:
                             timeout=timeout)
     except subprocess.TimeoutExpired:
       return {"case": case, "error": f"not finished in {timeout} s"}
-    if proc.returncode:
+    path = os.path.join(work, "compile_only.json")
+    if proc.returncode or not os.path.exists(path):
       return {"case": case, "error": proc.stderr.strip().splitlines()[-1][:200]}
-    with open(os.path.join(work, "compile_only.json")) as f:
+    with open(path) as f:
       report = json.load(f)["pretrain"]
   return dict(report, case=case, wall_s=time.perf_counter() - t0)
 
 
 def row(r: dict) -> str:
+  if "error" in r and "temp_gib" in r:  # refused by the TPU compiler: does not fit
+    return (f"| {r['case']} | {r['batch_per_chip']:g} | {r['lower_s']:.0f} + "
+            f"{r['compile_s']:.0f} | - + {r['temp_gib']:.1f} | > {r['hbm_gib']} (NO) | - | - | - "
+            "| - |")
   if "error" in r:
     return f"| {r['case']} | {r['error']} |" + " |" * 8
   flops = r["flops_per_chip"] / r["analytic_flops_per_chip"]

@@ -64,3 +64,15 @@ def test_bad_topology_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="training stages"):
       compile_only.run(c, str(tmp_path))
   assert not os.path.exists(tmp_path / "compile_only.json")
+
+
+def test_a_program_refused_for_hbm_is_reported_as_not_fitting():
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (99.72G) exceeds available HBM (95.74G).")
+  assert compile_only.refused_temp_gib(msg) == pytest.approx(99.72)
+  assert compile_only.refused_temp_gib(msg.replace("99.72G", "1.45T")) == pytest.approx(1484.8)
+  assert compile_only.refused_temp_gib("INTERNAL: something else") is None
+  report = {"stage": "pretrain", "variant": "B/16", "topology": "v5p:2x2x1", "chips": 4,
+            "dtype": "bfloat16", "batch_per_chip": 95, "temp_gib": 99.72, "hbm_gib": 95,
+            "compile_s": 300.0, "error": msg}
+  assert "DOES NOT FIT: 99.7 GiB of temporaries for 95 GiB" in compile_only.summary(report)
