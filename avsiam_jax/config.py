@@ -117,6 +117,7 @@ class EvalSpec:
   batch_size: int
   frame: int
   plot_classes: int
+  retrieval_subset: str = ""  # a subset of the eval split (data/subsets.py) for retrieval
   every_epoch: bool = False   # evaluate each epoch, keep the best (model selection)
   early_stop_epochs: int = 0  # with every_epoch: stop after this many epochs without a gain
 
@@ -310,6 +311,7 @@ def _eval(c, data_shards: int) -> EvalSpec:
   spec = EvalSpec(every_steps=int(e.every_steps), max_clips=int(e.max_clips),
                   retrieval_clips=int(e.retrieval_clips), batch_size=int(e.batch_size),
                   frame=int(e.frame), plot_classes=int(e.plot_classes),
+                  retrieval_subset=str(e.get("retrieval_subset", "")),
                   every_epoch=bool(e.get("every_epoch", False)),
                   early_stop_epochs=int(e.get("early_stop_epochs", 0)))
   if spec.early_stop_epochs < 0:

@@ -26,7 +26,7 @@ from avsiam_jax import (checkpoint, finetuning, pretraining, progress, selection
                         state)
 from avsiam_jax import config as config_lib
 from avsiam_jax.config import ConfigError, RunSpec
-from avsiam_jax.data import demo, records
+from avsiam_jax.data import demo, records, subsets
 from avsiam_jax.evaluators.evaluator import Evaluator, flat_scalars, summary
 from avsiam_jax.weights import load
 
@@ -91,6 +91,11 @@ def _dataset(spec: RunSpec, workdir: str, stage: str) -> tuple[str, dict]:
                              seed=spec.seed)
   multihost_utils.sync_global_devices("dataset ready")
   info = records.read_info(ds_dir)
+  if spec.eval.retrieval_subset:
+    try:
+      subsets.load(ds_dir, spec.eval.retrieval_subset, spec.data.eval_split)
+    except (ValueError, FileNotFoundError) as e:
+      raise ConfigError(str(e)) from e
   if stage == "finetune" and not info.get("label_names"):
     raise ConfigError(f"{ds_dir}: the dataset has no label names; finetuning needs labels")
   return ds_dir, info

@@ -158,7 +158,10 @@ def get_common_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0                 # 0: only at the end of training
   c.eval.max_clips = 1725                # clips of the eval split to use; 0: all
-  c.eval.retrieval_clips = 1725          # zero-shot retrieval over the first of those
+  c.eval.retrieval_clips = 1725          # zero-shot retrieval over the first of those, or:
+  # a named subset of the eval split (python -m data_prep.retrieval_subset), e.g. the paper's
+  # 5 clips per class; it overrides retrieval_clips.
+  c.eval.retrieval_subset = ""
   c.eval.batch_size = 64
   c.eval.frame = 5                       # the middle of the 10 stored frames (retrieval)
   c.eval.plot_classes = 10               # embedding plot: the most frequent classes

@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 
 from avsiam_jax import sharding
 from avsiam_jax.config import RunSpec
-from avsiam_jax.data import pipeline, records
+from avsiam_jax.data import pipeline, records, subsets
 from avsiam_jax.evaluators import classification, retrieval
 
 # Result names of the classifier's three inputs.
@@ -27,6 +27,21 @@ class Evaluator:
 
   def __init__(self, spec: RunSpec, ds_dir: str, eval_fn: Callable, mesh):
     self.spec, self.ds_dir, self.eval_fn, self.mesh = spec, ds_dir, eval_fn, mesh
+    self.subset = None
+    if spec.eval.retrieval_subset:
+      self.subset = subsets.load(ds_dir, spec.eval.retrieval_subset, spec.data.eval_split)
+
+  def retrieval_rows(self, num_clips: int) -> tuple[np.ndarray, str]:
+    """The evaluated clips retrieval is scored on, and how they were chosen."""
+    split = self.spec.data.eval_split
+    if self.subset is not None:
+      rows = np.asarray(self.subset["indices"], np.int64)
+      if rows.size and rows.max() >= num_clips:
+        raise ValueError(f"retrieval subset {self.subset['name']!r} needs clip {rows.max()} of "
+                         f"split {split!r}, but only {num_clips} were evaluated (eval.max_clips)")
+      return rows, (f"subset {self.subset['name']!r} of {split!r}: {self.subset['rule']}")
+    n = self.spec.eval.retrieval_clips or num_clips
+    return np.arange(min(n, num_clips)), f"the first {min(n, num_clips)} clips of {split!r}"
 
   def outputs(self, params) -> dict[str, np.ndarray]:
     """Every eval clip's outputs and labels, gathered from all processes, padding dropped."""
@@ -48,21 +63,22 @@ class Evaluator:
     return {k: np.concatenate(v) for k, v in outs.items()}
 
   def __call__(self, params, *, plot_path: str | None = None, title: str = "") -> dict[str, Any]:
-    """Retrieval over the first eval.retrieval_clips clips, classification over all of them."""
+    """Retrieval over eval.retrieval_subset or the first eval.retrieval_clips clips,
+    classification over all evaluated clips."""
     outs = self.outputs(params)
-    n = self.spec.eval.retrieval_clips or len(outs["feat_a"])
-    results: dict[str, Any] = {
-        "retrieval": retrieval.retrieval_metrics(outs["feat_a"][:n], outs["feat_v"][:n])}
+    rows, chosen = self.retrieval_rows(len(outs["feat_a"]))
+    results: dict[str, Any] = {"retrieval": dict(
+        retrieval.retrieval_metrics(outs["feat_a"][rows], outs["feat_v"][rows]), set=chosen)}
     for key, name in INPUTS.items():
       if f"probs_{key}" in outs:
         results[name] = classification.classification_metrics(outs[f"probs_{key}"],
                                                                outs["labels"])
     if plot_path and jax.process_index() == 0:
       from avsiam_jax.evaluators import embedding_plot  # pylint: disable=import-outside-toplevel
-      labels = outs["labels"][:n]
+      labels = outs["labels"][rows]
       primary = np.where(labels.max(axis=1) > 0, labels.argmax(axis=1), -1)
       embedding_plot.plot_embeddings(
-          outs["feat_a"][:n], outs["feat_v"][:n], primary,
+          outs["feat_a"][rows], outs["feat_v"][rows], primary,
           records.read_info(self.ds_dir).get("label_names", []), plot_path,
           max_classes=self.spec.eval.plot_classes,
           title=f"{title}: audio and visual embeddings of the {self.spec.data.eval_split} clips")
