@@ -141,7 +141,10 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
                       f"{ds_dir}")
   steps_per_epoch = sched.steps_per_epoch(num_train)
   total_steps = sched.total_steps or sched.epochs * steps_per_epoch
-  _write_json(os.path.join(workdir, checkpoint.CONFIG_FILE), spec.record())
+  record = spec.record()
+  # How the dataset's frames were made, so inference prepares files the same way.
+  record["data"]["frame_resize"] = info.get("frames", {}).get("resize", "crop")
+  _write_json(os.path.join(workdir, checkpoint.CONFIG_FILE), record)
   if label_names:
     _write_json(os.path.join(workdir, checkpoint.LABELS_FILE), label_names)
   train_iter = task.train_iterator(
