@@ -130,8 +130,10 @@ class Predictor:
     return cls(run, graphdef, state)
 
   def prepare(self, path) -> clips.PreparedClip:
-    m = self.config.model
-    return clips.prepare_clip(path, audio_frames=m.audio_frames, image_size=m.image_size)
+    m, data = self.config.model, self.config.get("data", {})
+    # Frames made square as the run's dataset made them; older runs had only crop.
+    return clips.prepare_clip(path, audio_frames=m.audio_frames, image_size=m.image_size,
+                              frame_resize=data.get("frame_resize", "crop"))
 
   def probabilities(self, audio: np.ndarray | None, video: np.ndarray | None) -> np.ndarray:
     """(C,) scores of prepared inputs: audio (T, 128) and/or video (frames, S, S, 3)."""
@@ -176,8 +178,10 @@ class Embedder:
     return cls(run, graphdef, state)
 
   def prepare(self, path) -> clips.PreparedClip:
-    m = self.config.model
-    return clips.prepare_clip(path, audio_frames=m.audio_frames, image_size=m.image_size)
+    m, data = self.config.model, self.config.get("data", {})
+    # Frames made square as the run's dataset made them; older runs had only crop.
+    return clips.prepare_clip(path, audio_frames=m.audio_frames, image_size=m.image_size,
+                              frame_resize=data.get("frame_resize", "crop"))
 
   def embed_inputs(self, audio: np.ndarray | None, video: np.ndarray | None):
     """(audio (D,) or None, video (D,) or None) of prepared inputs; video uses one frame."""

@@ -2,7 +2,8 @@
 
   python -m data_prep.build --input JSON_OR_DIR [--labels CSV] --out DATASET_DIR
       [--split train] [--num_shards N] [--workers W]
-      [--process_index I --process_count P] [--max_frames 1024] [--finalize]
+      [--process_index I --process_count P] [--max_frames 1024] [--frame_resize crop]
+      [--finalize]
 
 Inputs
   * A CAV-MAE dataset JSON, {"data": [{"video_id", "wav", "video_path", "labels"}]}, with
@@ -26,8 +27,10 @@ Inputs
     the dataset already has a split, an existing vocabulary that contains them all is reused.
 
 Per clip (avsiam_jax/data/examples.py, the record layout of avsiam_jax/data/records.py): 10
-frames (JPEG, short side resized to 224 then centre crop), the kaldi fbank of the first 10 s of
-16 kHz mono audio as float16 (T <= max_frames, 128), unpadded, and int32 labels.
+frames (JPEG; --frame_resize crop, the default: short side resized to 224 then centre crop, as
+CAV-MAE; squash: the whole frame resized to 224 x 224, bicubic, as the released AVSiam code),
+the kaldi fbank of the first 10 s of 16 kHz mono audio as float16 (T <= max_frames, 128),
+unpadded, and int32 labels. Every split of a dataset has the same max_frames and frame_resize.
 
 Output in DATASET_DIR: <split>-iiiii-of-nnnnn.array_record shards; dataset_info.json with
 label_names, label_ids, fbank and frames settings, and per split num_examples, shards,
@@ -46,7 +49,7 @@ Bad input: each case has one rule, and a skipped clip is never written as a plac
 
 Several processes/hosts: shard i covers a contiguous index range of the clip list; process I
 of P builds the shards with i % P == I. Every process must be given the same input, split,
-num_shards and max_frames (checked against .build/<split>/plan.json).
+num_shards, max_frames and frame_resize (checked against .build/<split>/plan.json).
 
 Resume: a shard whose final file exists is kept; a leftover `.tmp` is redone. Each shard has a
 report part, .build/<split>/<shard>.report.json, written before the shard file appears.
@@ -286,14 +289,14 @@ def _read_folder(folder, labels_csv, existing_vocab):
 # ---------------------------------------------------------------- one clip (worker side)
 
 
-def process_clip(entry: Entry, max_frames: int):
+def process_clip(entry: Entry, max_frames: int, frame_resize: str = "crop"):
   """One clip -> ('ok', example) | ('skip', report row) | ('error', message)."""
   if entry.skip is not None:
     return "skip", entry.skip
   try:
     return "ok", examples.make_example(entry.id, entry.video, entry.audio,
                                        frame_dir=entry.frame_dir, labels=entry.labels,
-                                       max_frames=max_frames)
+                                       max_frames=max_frames, frame_resize=frame_resize)
   except media.ClipError as e:
     return "skip", _skip(entry.id, e.path, e.reason, e.detail or str(e))
   except Exception:  # a bug or an unforeseen failure: stop the build, naming the clip
@@ -348,7 +351,7 @@ def _existing_info(out):
   return records.read_info(out) if os.path.exists(path) else None
 
 
-def _check_compatible(out, label_ids, label_names, max_frames):
+def _check_compatible(out, label_ids, label_names, max_frames, frame_resize):
   """A new split must share the dataset's vocabulary and settings."""
   info = _existing_info(out)
   if info is None:
@@ -365,6 +368,11 @@ def _check_compatible(out, label_ids, label_names, max_frames):
   built = info.get("fbank", {}).get("max_frames")
   if built != max_frames:
     raise InputError(f"{where}: built with max_frames={built}, this run asks {max_frames}")
+  # A dataset_info.json without the entry predates the option: its frames were cropped.
+  built = info.get("frames", {}).get("resize", "crop")
+  if built != frame_resize:
+    raise InputError(f"{where}: built with frame_resize={built!r}, this run asks "
+                     f"{frame_resize!r}; a dataset's splits share one frame_resize")
 
 
 def _plan_fingerprint(entries):
@@ -374,17 +382,25 @@ def _plan_fingerprint(entries):
   return h.hexdigest()
 
 
+def _read_plan(path):
+  # A plan written before the frame_resize option was a crop build.
+  return dict({"frame_resize": "crop"}, **_read_json(path))
+
+
 def _check_plan(out, split, plan):
   """Writes the plan, or checks that an earlier/parallel run used the same one."""
   os.makedirs(_state_dir(out, split), exist_ok=True)
   path = os.path.join(_state_dir(out, split), "plan.json")
   if os.path.exists(path):
-    old = _read_json(path)
+    old = _read_plan(path)
     diff = [k for k in plan if old.get(k) != plan[k]]
     if diff:
+      # Short settings with both values; lists and the fingerprint by name only.
+      said = [f"{k} {old.get(k)!r} before, {plan[k]!r} now"
+              if isinstance(plan[k], (int, str)) and k != "entries_sha256" else k for k in diff]
       raise InputError(
-          f"{out}: split {split!r} was started with other settings ({', '.join(diff)} differ, "
-          f"see {path}); finish it with the same input and flags, or delete its shards and "
+          f"{out}: split {split!r} was started with other settings ({'; '.join(said)}; see "
+          f"{path}); finish it with the same input and flags, or delete its shards and "
           f"{_state_dir(out, split)} to start over")
   else:
     _write_json(path, plan)
@@ -422,17 +438,18 @@ def finalize(out, split="train", verbose=True):
   plan_path = os.path.join(_state_dir(out, split), "plan.json")
   if not os.path.exists(plan_path):
     raise FileNotFoundError(f"{plan_path} not found: split {split!r} was never started in {out}")
-  plan = _read_json(plan_path)
+  plan = _read_plan(plan_path)
   with _lock(out):
     if _missing_shards(out, split, plan):
       return None
     parts = [_read_json(_part_path(out, split, s)) for s in plan["shards"]]
     report = dict(_merge_parts(parts), input=plan["input"], num_shards=plan["num_shards"],
                   shards=plan["shards"])
-    _check_compatible(out, plan["label_ids"], plan["label_names"], plan["max_frames"])
+    _check_compatible(out, plan["label_ids"], plan["label_names"], plan["max_frames"],
+                      plan["frame_resize"])
     info = _existing_info(out) or dict(label_names=plan["label_names"],
                                        label_ids=plan["label_ids"], splits={})
-    info.update(records.format_info(plan["max_frames"]))
+    info.update(records.format_info(plan["max_frames"], plan["frame_resize"]))
     # example_labels (record order): class-balanced sampling without reading every record.
     info["splits"][split] = {"num_examples": report["num_examples"], "shards": plan["shards"],
                              "num_skipped": report["num_skipped"],
@@ -483,11 +500,11 @@ def _single_threaded_blas():
       os.environ.pop(k, None)
 
 
-def _results(entries, max_frames, pool, window):
+def _results(entries, max_frames, pool, window, frame_resize="crop"):
   """Results in order; at most `window` clips in flight so memory stays bounded."""
   if pool is None:
     for e in entries:
-      yield process_clip(e, max_frames)
+      yield process_clip(e, max_frames, frame_resize)
     return
   pending = collections.deque()
   it = iter(entries)
@@ -495,7 +512,7 @@ def _results(entries, max_frames, pool, window):
   def submit():
     e = next(it, None)
     if e is not None:
-      pending.append((e, pool.submit(process_clip, e, max_frames)))
+      pending.append((e, pool.submit(process_clip, e, max_frames, frame_resize)))
 
   for _ in range(window):
     submit()
@@ -541,7 +558,8 @@ def load_input(input, labels=None, existing_vocab=None):
 
 
 def build(input, out, labels=None, split="train", num_shards=None, workers=1, process_index=0,
-          process_count=1, max_frames=records.MAX_FBANK_FRAMES, verbose=True) -> dict:
+          process_count=1, max_frames=records.MAX_FBANK_FRAMES, frame_resize="crop",
+          verbose=True) -> dict:
   """Builds this process's shards of `split`; finalizes the split if it is then complete.
 
   Returns the split's report: {num_examples, num_skipped, skipped_by_reason, skipped:
@@ -554,13 +572,17 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
     raise InputError(f"process_index {process_index} not in [0, {process_count})")
   if max_frames < 1 or workers < 1:
     raise InputError("max_frames and workers must be positive")
+  try:
+    records.check_frame_resize(frame_resize)
+  except ValueError as e:
+    raise InputError(str(e)) from None
   out = os.path.abspath(out)
   existing = _existing_info(out)
   entries, label_ids, label_names = load_input(
       input, labels, existing.get("label_ids") if existing else None)
   if not entries:
     raise InputError(f"{input}: no clips")
-  _check_compatible(out, label_ids, label_names, max_frames)
+  _check_compatible(out, label_ids, label_names, max_frames, frame_resize)
   n = len(entries)
   if num_shards is None:
     num_shards = min(n, max(process_count, math.ceil(n / CLIPS_PER_SHARD)))
@@ -568,8 +590,9 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
     raise InputError(f"num_shards must be positive, got {num_shards}")
   names = [records.shard_name(split, i, num_shards) for i in range(num_shards)]
   plan = {"input": os.path.abspath(input), "num_entries": n, "num_shards": num_shards,
-          "shards": names, "max_frames": max_frames, "label_ids": label_ids,
-          "label_names": label_names, "entries_sha256": _plan_fingerprint(entries)}
+          "shards": names, "max_frames": max_frames, "frame_resize": frame_resize,
+          "label_ids": label_ids, "label_names": label_names,
+          "entries_sha256": _plan_fingerprint(entries)}
   os.makedirs(out, exist_ok=True)
   _check_plan(out, split, plan)
 
@@ -591,7 +614,7 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
     env.enter_context(_single_threaded_blas())
     pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
   try:
-    results = _results(clips, max_frames, pool, window=4 * workers)
+    results = _results(clips, max_frames, pool, 4 * workers, frame_resize)
     for i in todo:
       path = os.path.join(out, names[i])
       with contextlib.suppress(FileNotFoundError):
@@ -650,6 +673,9 @@ def main(argv=None):
   parser.add_argument("--process_count", type=int, default=1)
   parser.add_argument("--max_frames", type=int, default=records.MAX_FBANK_FRAMES,
                       help="fbank frames kept per clip")
+  parser.add_argument("--frame_resize", choices=records.FRAME_RESIZES, default="crop",
+                      help="how frames become 224 x 224: crop (short side, then centre crop; "
+                      "CAV-MAE) or squash (whole frame, bicubic; the released AVSiam code)")
   parser.add_argument("--finalize", action="store_true",
                       help="only write dataset_info.json/report.json of a split whose shards "
                       "all exist")
@@ -667,7 +693,8 @@ def main(argv=None):
       parser.error("--input is required (unless --finalize)")
     build(args.input, args.out, labels=args.labels, split=args.split,
           num_shards=args.num_shards, workers=args.workers, process_index=args.process_index,
-          process_count=args.process_count, max_frames=args.max_frames)
+          process_count=args.process_count, max_frames=args.max_frames,
+          frame_resize=args.frame_resize)
   except (InputError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

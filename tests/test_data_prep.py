@@ -170,7 +170,7 @@ def test_bad_inputs_are_reported_and_never_written(table):
   assert info["label_ids"] == MIDS and info["label_names"] == [f"name {m}" for m in MIDS]
   assert info["fbank"]["sample_rate"] == 16000 and info["fbank"]["num_mel_bins"] == 128
   assert info["fbank"]["max_frames"] == 1024 and info["frames"] == {
-      "num": 10, "size": 224, "format": "jpeg"}
+      "num": 10, "size": 224, "format": "jpeg", "resize": "crop"}
 
 
 def test_good_records_have_the_right_fields(table):
@@ -275,6 +275,50 @@ def test_second_split_must_share_the_vocabulary(table, tmp_path):
   assert rep["train"]["num_examples"] == len(table["good"])
 
 
+def test_second_split_must_share_the_frame_resize(table, tmp_path):
+  out = str(tmp_path / "ds")
+  shutil.copytree(table["out"], out)
+  assert records.read_info(out)["frames"]["resize"] == "crop"  # the default
+  with pytest.raises(B.InputError, match="frame_resize='crop', this run asks 'squash'"):
+    B.build(table["json"], out, labels=table["labels"], split="test", frame_resize="squash",
+            verbose=False)
+  assert not os.path.exists(os.path.join(out, B.STATE_DIR, "test"))
+  # A dataset built before the option has no entry: it was cropped.
+  info = records.read_info(out)
+  del info["frames"]["resize"]
+  records.write_info(out, info)
+  with pytest.raises(B.InputError, match="frame_resize='crop', this run asks 'squash'"):
+    B.build(table["json"], out, labels=table["labels"], split="test", frame_resize="squash",
+            verbose=False)
+
+
+def test_bad_frame_resize_is_named(table, tmp_path):
+  with pytest.raises(B.InputError, match="frame_resize 'stretch'"):
+    B.build(table["json"], str(tmp_path / "ds"), labels=table["labels"],
+            frame_resize="stretch", verbose=False)
+  assert not os.path.exists(tmp_path / "ds")
+  with pytest.raises(SystemExit) as e:  # argparse's choices
+    B.main(["--input", table["json"], "--labels", table["labels"], "--out",
+            str(tmp_path / "ds"), "--frame_resize", "stretch"])
+  assert e.value.code == 2
+  with pytest.raises(ValueError, match="frame_resize 'stretch'"):
+    records.format_info(1024, "stretch")
+  with pytest.raises(ValueError, match="frame_resize 'stretch'"):
+    examples.make_example("x", str(tmp_path / "missing.mp4"), frame_resize="stretch")
+
+
+def test_frame_folder_follows_frame_resize(tmp_path):
+  y, x = np.mgrid[:240, :320]
+  img = np.stack([x * 255 // 319, y * 255 // 239, (x // 8 % 2) * 255], -1).astype(np.uint8)
+  path = str(tmp_path / "f.jpg")
+  Image.fromarray(img).save(path)
+  ref = Image.open(path).convert("RGB")
+  np.testing.assert_array_equal(examples.square_frame(path, "squash"),
+                                np.asarray(ref.resize((224, 224), Image.BICUBIC)))
+  crop = ref.resize((299, 224), Image.BILINEAR).crop((37, 0, 261, 224))
+  np.testing.assert_array_equal(examples.square_frame(path), np.asarray(crop))
+
+
 # ---------------------------------------------------------------- resume, processes
 
 
@@ -339,6 +383,23 @@ def test_two_processes_build_disjoint_shards(demo, tmp_path):
   assert B.main(["--out", out, "--finalize"]) == 1
 
 
+def test_resume_with_another_frame_resize_is_refused(demo, tmp_path):
+  json_path, csv_path = demo
+  out = str(tmp_path / "ds")
+  kw = dict(labels=csv_path, num_shards=2, process_count=2, verbose=False)
+  assert not B.build(json_path, out, process_index=0, **kw)["finalized"]
+  with pytest.raises(B.InputError, match="frame_resize 'crop' before, 'squash' now"):
+    B.build(json_path, out, process_index=1, frame_resize="squash", **kw)
+  assert not os.path.exists(os.path.join(out, records.shard_name("train", 1, 2)))
+  # A plan written before the option was a crop build: the default resumes it.
+  plan_path = os.path.join(out, B.STATE_DIR, "train", "plan.json")
+  plan = json.load(open(plan_path))
+  del plan["frame_resize"]
+  json.dump(plan, open(plan_path, "w"))
+  assert B.build(json_path, out, process_index=1, **kw)["finalized"]
+  assert records.read_info(out)["frames"]["resize"] == "crop"
+
+
 # ---------------------------------------------------------------- real inputs
 
 
@@ -384,6 +445,42 @@ def test_real_media_folder_input(tmp_path):
     assert media.decode_jpeg(r["frames"][5]).shape == (224, 224, 3)
 
 
+def _squash_reference(path):
+  """The released AVSiam frames of a video, by PyAV and PIL alone: the record's frame sampling
+  (first 10 s, int(i * total / 10)), each whole frame resized to 224 x 224, bicubic."""
+  with av.open(path) as c:
+    stream = c.streams.video[0]
+    kept, origin = [], None
+    for frame in c.decode(stream):
+      origin = frame.time if origin is None else origin
+      if frame.time - origin >= records.MAX_SECONDS - 1e-3:
+        break
+      kept.append(frame.to_image())
+  idx = [int(i * len(kept) / records.NUM_FRAMES) for i in range(records.NUM_FRAMES)]
+  return [np.asarray(kept[i].resize((224, 224), Image.BICUBIC)) for i in idx]
+
+
+def test_squash_build_records_it_and_stores_squashed_frames(tmp_path):
+  import iscc_samples  # pylint: disable=import-outside-toplevel
+  src = os.path.join(os.path.dirname(iscc_samples.__file__), "files", "video", "demo.mp4")
+  folder = tmp_path / "videos"
+  folder.mkdir()
+  os.symlink(src, folder / "a.mp4")
+  out = str(tmp_path / "ds")
+  assert B.main(["--input", str(folder), "--out", out, "--frame_resize", "squash"]) == 0
+  info = records.read_info(out)
+  assert info["frames"]["resize"] == "squash"
+  plan = json.load(open(os.path.join(out, B.STATE_DIR, "train", "plan.json")))
+  assert plan["frame_resize"] == "squash"
+  (record,) = all_records(out)
+  ref = _squash_reference(src)
+  assert record["frames"] == [media.encode_jpeg(f) for f in ref]
+  # Not the default's frames: a 16:9 video's crop drops its sides.
+  cropped = examples.stored_frames(examples.decode_frames(src))
+  assert record["frames"] != cropped
+  assert np.abs(media.decode_jpeg(cropped[5]).astype(int) - ref[5]).mean() > 5
+
+
 def test_folder_without_csv_takes_every_file(tmp_path):
   folder = tmp_path / "v"
   folder.mkdir()
@@ -400,6 +497,7 @@ def test_cli_help_documents_the_folder_csv():
                        text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        check=True).stdout
   assert "file,labels" in out and "--finalize" in out and "--process_index" in out
+  assert "--frame_resize {crop,squash}" in out
 
 
 def test_unexpected_error_stops_the_build_naming_the_clip(demo, tmp_path, monkeypatch):

@@ -141,24 +141,46 @@ _features = nnx.jit(lambda m, x, modality: m.features(x, modality), static_argnu
 _pooled = nnx.jit(lambda enc, x, modality: enc(x, modality).mean(axis=1), static_argnums=2)
 
 
-def _prep(path):
-  return clips.prepare_clip(path, audio_frames=FRAMES, image_size=SIZE)
+def _prep(path, frame_resize="crop"):
+  return clips.prepare_clip(path, audio_frames=FRAMES, image_size=SIZE, frame_resize=frame_resize)
 
 
 # ----- clip preparation ---------------------------------------------------------------------
 
-def test_prepare_equals_eval_pipeline(tmp_path):
+@pytest.mark.parametrize("frame_resize", ["crop", "squash"])
+def test_prepare_equals_eval_pipeline(tmp_path, frame_resize):
   folder = tmp_path / "videos"
   folder.mkdir()
   shutil.copy(MP4, folder / "a.mp4")
-  build.build(str(folder), str(tmp_path / "ds"), verbose=False)
+  build.build(str(folder), str(tmp_path / "ds"), frame_resize=frame_resize, verbose=False)
   batch = next(pipeline.make_eval_iterator(str(tmp_path / "ds"), "train", batch_size=1,
                                            audio_frames=FRAMES, image_size=SIZE))
-  clip = _prep(folder / "a.mp4")
+  clip = _prep(folder / "a.mp4", frame_resize)
   assert (clip.modality, clip.reason) == ("audio-visual", "")
   assert clip.audio.dtype == clip.video.dtype == np.float32
   np.testing.assert_array_equal(clip.audio, batch["audio"][0])
   np.testing.assert_array_equal(clip.video, batch["video"][0])
+  other = _prep(folder / "a.mp4", "squash" if frame_resize == "crop" else "crop")
+  assert np.abs(other.video - clip.video).mean() > 0.05
+  np.testing.assert_array_equal(other.audio, clip.audio)
+
+
+def test_prepare_follows_the_runs_frame_resize(runs, predictor, tmp_path):
+  # config.json's data.frame_resize (the trainer writes the dataset's); older runs: crop.
+  assert "frame_resize" not in predictor.config.get("data", {})
+  np.testing.assert_array_equal(predictor.prepare(MP4).video, _prep(MP4).video)
+  workdir = str(tmp_path / "run")
+  shutil.copytree(runs["bce"][0], workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  config.setdefault("data", {})["frame_resize"] = "squash"
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config, f)
+  squash = _prep(MP4, "squash").video
+  for cls in (inference.Predictor, inference.Embedder):
+    np.testing.assert_array_equal(cls.load(workdir).prepare(MP4).video, squash)
+  with pytest.raises(ValueError, match="frame_resize 'nope'"):
+    _prep(MP4, "nope")
 
 
 def test_prepare_fallbacks_and_errors(media_files, tmp_path):

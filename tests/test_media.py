@@ -6,6 +6,7 @@ import av
 import iscc_samples  # real media (CC-BY-4.0), a test requirement
 import numpy as np
 import pytest
+from PIL import Image
 
 from avsiam_jax.data import media
 from avsiam_jax.data.media import ClipError, decode_audio, decode_clip, decode_frames
@@ -211,6 +212,63 @@ def test_resize_and_centre_crop(tmp_path):
   assert frames.shape == (2, 32, 32, 3)
   inner = frames[:, :, 2:-2].reshape(-1, 3).mean(axis=0)
   assert inner[1] > 200 and inner[0] < 40
+
+
+def _pattern_frame(i, h, w):
+  """A non-square frame with detail everywhere: crop and squash disagree on it."""
+  y, x = np.mgrid[:h, :w]
+  img = np.stack([(x * 255) // (w - 1), (y * 255) // (h - 1), ((x // 4 + y // 4) % 2) * 200
+                  + 10 * i], axis=-1)
+  return img.astype(np.uint8)
+
+
+def _crop_reference(img, size):
+  """CAV-MAE's way: short side to `size` (bilinear, antialiased), then centre crop."""
+  w, h = img.size
+  nw, nh = max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h)))
+  img = img.resize((nw, nh), Image.BILINEAR)
+  left, top = (nw - size) // 2, (nh - size) // 2
+  return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def _squash_reference(img, size):
+  """The released AVSiam code's way: the whole frame to size x size, bicubic."""
+  return np.asarray(img.resize((size, size), Image.BICUBIC))
+
+
+def test_square_image_crop_and_squash():
+  img = Image.fromarray(_pattern_frame(0, 48, 80))
+  squash = media.square_image(img, 32, "squash")
+  crop = media.square_image(img, 32)  # crop is the default
+  assert squash.shape == crop.shape == (32, 32, 3) and squash.dtype == np.uint8
+  np.testing.assert_array_equal(squash, _squash_reference(img, 32))
+  np.testing.assert_array_equal(crop, _crop_reference(img, 32))
+  np.testing.assert_array_equal(media.square_image(img, 32, "crop"), crop)
+  assert np.abs(squash.astype(int) - crop).mean() > 10
+  with pytest.raises(ValueError, match="'stretch'"):
+    media.square_image(img, 32, "stretch")
+
+
+def test_decoded_frames_crop_and_squash(tmp_path):
+  path = write_media(tmp_path / "p.mp4", seconds=1.0, fps=10, frame_fn=_pattern_frame,
+                     size=(80, 48), voptions=LOSSLESS)
+  with av.open(path) as c:  # the full-size decoded frames, independently of media.py
+    full = [f.to_image() for f in c.decode(video=0)]
+  assert len(full) == 10  # 10 frames sampled from 10: every one, in order
+  squash = decode_frames(path, num_frames=10, image_size=32, frame_resize="squash")
+  crop = decode_clip(path, num_frames=10, image_size=32).frames
+  np.testing.assert_array_equal(squash, np.stack([_squash_reference(f, 32) for f in full]))
+  np.testing.assert_array_equal(crop, np.stack([_crop_reference(f, 32) for f in full]))
+  np.testing.assert_array_equal(
+      decode_clip(path, num_frames=10, image_size=32, frame_resize="squash").frames, squash)
+  assert np.abs(squash.astype(int) - crop).mean() > 10
+
+
+def test_bad_frame_resize_is_named(tmp_path):
+  path = write_media(tmp_path / "p.mp4", seconds=1.0)
+  for decode in (decode_clip, decode_frames):
+    with pytest.raises(ValueError, match="frame_resize 'bicubic'.*'crop', 'squash'"):
+      decode(path, frame_resize="bicubic")
 
 
 def test_jpeg_roundtrip():

@@ -5,7 +5,8 @@ The dataset builder (`python -m data_prep.build`) and the demo dataset make ever
 file is seen exactly as its record would be.
 
 Media: a video file (its own audio track, or a separate audio file), or a CAV-MAE frame folder
-holding folder/frame_{0..9}/<clip id>.jpg plus an audio file.
+holding folder/frame_{0..9}/<clip id>.jpg plus an audio file. `frame_resize` (one of
+records.FRAME_RESIZES, "crop" by default) says how every frame is made square.
 """
 from __future__ import annotations
 
@@ -19,16 +20,17 @@ from avsiam_jax.data import fbank as fbank_lib
 from avsiam_jax.data import media, records
 
 
-def decode_clip(path) -> media.Clip:
+def decode_clip(path, frame_resize: str = "crop") -> media.Clip:
   """Frames and audio of a video file at the record's settings; raises media.ClipError."""
   return media.decode_clip(path, num_frames=records.NUM_FRAMES, image_size=records.FRAME_SIZE,
-                           sample_rate=records.SAMPLE_RATE, max_seconds=records.MAX_SECONDS)
+                           sample_rate=records.SAMPLE_RATE, max_seconds=records.MAX_SECONDS,
+                           frame_resize=frame_resize)
 
 
-def decode_frames(path) -> np.ndarray:
+def decode_frames(path, frame_resize: str = "crop") -> np.ndarray:
   """(NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3) uint8 frames of a video file; audio ignored."""
   return media.decode_frames(path, num_frames=records.NUM_FRAMES, image_size=records.FRAME_SIZE,
-                             max_seconds=records.MAX_SECONDS)
+                             max_seconds=records.MAX_SECONDS, frame_resize=frame_resize)
 
 
 def decode_audio(path) -> np.ndarray:
@@ -42,29 +44,24 @@ def frame_folder_paths(folder: str, clip_id: str) -> list[str]:
   return [os.path.join(folder, f"frame_{i}", f"{clip_id}.jpg") for i in range(records.NUM_FRAMES)]
 
 
-def square_frame(path: str) -> np.ndarray:
-  """An image file -> (FRAME_SIZE, FRAME_SIZE, 3) uint8, with media.py's resize/crop rule."""
-  size = records.FRAME_SIZE
+def square_frame(path: str, frame_resize: str = "crop") -> np.ndarray:
+  """An image file -> (FRAME_SIZE, FRAME_SIZE, 3) uint8, made square as a video's frames are."""
   try:
     with Image.open(path) as img:
       img = img.convert("RGB")
   except OSError as e:
     raise media.ClipError(path, "unreadable", f"bad image: {e}") from None
-  w, h = img.size
-  scale = size / min(w, h)
-  nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-  img = img.resize((nw, nh), Image.BILINEAR)
-  left, top = (nw - size) // 2, (nh - size) // 2
-  return np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
+  return media.square_image(img, records.FRAME_SIZE, frame_resize)
 
 
-def decode_media(clip_id: str, video: str, audio: str | None = None, *,
-                 frame_dir: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def decode_media(clip_id: str, video: str, audio: str | None = None, *, frame_dir: bool = False,
+                 frame_resize: str = "crop") -> tuple[np.ndarray, np.ndarray]:
   """(frames uint8 (NUM_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), waveform) or media.ClipError.
 
   `video`: a video file, or a frame folder when `frame_dir`; `audio`: a separate audio file,
   None for the video file's own track (a frame folder needs one).
   """
+  records.check_frame_resize(frame_resize)  # a setting error, never a skipped clip
   # Existence first: report a missing file without paying for any decoding.
   needed = frame_folder_paths(video, clip_id) if frame_dir else [video]
   if audio is not None:
@@ -75,11 +72,12 @@ def decode_media(clip_id: str, video: str, audio: str | None = None, *,
   if frame_dir:
     if audio is None:
       raise media.ClipError(video, "no_audio", "frame folder given without a 'wav' file")
-    return np.stack([square_frame(p) for p in needed[:records.NUM_FRAMES]]), decode_audio(audio)
+    frames = [square_frame(p, frame_resize) for p in needed[:records.NUM_FRAMES]]
+    return np.stack(frames), decode_audio(audio)
   if audio is None:
-    clip = decode_clip(video)
+    clip = decode_clip(video, frame_resize)
     return clip.frames, clip.waveform
-  return decode_frames(video), decode_audio(audio)
+  return decode_frames(video, frame_resize), decode_audio(audio)
 
 
 def stored_fbank(waveform: np.ndarray,
@@ -95,10 +93,11 @@ def stored_frames(frames: np.ndarray) -> list[bytes]:
 
 
 def make_example(clip_id: str, video: str, audio: str | None = None, *, frame_dir: bool = False,
-                 labels: Sequence[int] = (),
-                 max_frames: int = records.MAX_FBANK_FRAMES) -> dict[str, Any]:
+                 labels: Sequence[int] = (), max_frames: int = records.MAX_FBANK_FRAMES,
+                 frame_resize: str = "crop") -> dict[str, Any]:
   """The record of one clip (see decode_media for the media); raises media.ClipError."""
-  frames, wave = decode_media(clip_id, video, audio, frame_dir=frame_dir)
+  frames, wave = decode_media(clip_id, video, audio, frame_dir=frame_dir,
+                              frame_resize=frame_resize)
   return {
       "id": clip_id,
       "frames": stored_frames(frames),

@@ -2,8 +2,10 @@
 
 `decode_clip` returns `num_frames` RGB frames sampled uniformly from the first
 `max_seconds` of video and the first `max_seconds` of audio as 16 kHz mono
-float32.  Every way a file can be unusable raises `ClipError` with a short,
-stable `reason` code so that data pipelines can count and skip bad clips.
+float32; `square_image` makes each frame square (`frame_resize`: one of
+records.FRAME_RESIZES).  Every way a file can be unusable raises `ClipError`
+with a short, stable `reason` code so that data pipelines can count and skip
+bad clips.
 
 Edge-case rules (kept stable because callers depend on them):
   * frame indices are ``int(i * total / num_frames)`` where ``total`` counts
@@ -28,6 +30,9 @@ from dataclasses import dataclass
 import av
 import numpy as np
 from PIL import Image
+
+# The allowed frame_resize values live with the stored format, which records them.
+from avsiam_jax.data.records import check_frame_resize
 
 REASONS = (
     "missing_file",
@@ -251,9 +256,14 @@ def _run(container, vs, as_, sampler, audio):
       feed(stream, None)  # drain frames buffered in the decoder
 
 
-def _to_square(frame, image_size):
-  """Resize short side to image_size (bilinear, antialiased) + centre crop."""
-  img = frame.to_image()  # RGB PIL image
+def square_image(img: Image.Image, image_size: int, frame_resize: str = "crop") -> np.ndarray:
+  """An RGB PIL image -> (image_size, image_size, 3) uint8.
+
+  "crop": short side resized to image_size (bilinear, antialiased), then centre crop.
+  "squash": the whole image resized to image_size x image_size (bicubic).
+  """
+  if check_frame_resize(frame_resize) == "squash":
+    return np.asarray(img.resize((image_size, image_size), Image.BICUBIC), dtype=np.uint8)
   w, h = img.size
   scale = image_size / min(w, h)
   nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
@@ -272,10 +282,12 @@ def _second_pass(path, indices, max_seconds):
   return sampler
 
 
-def _decode(path, num_frames, image_size, sample_rate, max_seconds, want_video, want_audio):
+def _decode(path, num_frames, image_size, sample_rate, max_seconds, want_video, want_audio,
+            frame_resize="crop"):
   path = os.fspath(path)
   if num_frames < 1 or image_size < 1 or sample_rate < 1 or max_seconds <= 0:
     raise ValueError("num_frames, image_size, sample_rate, max_seconds must be positive")
+  check_frame_resize(frame_resize)  # before any decoding
   with _open(path) as c:
     vs, as_ = _streams(c, path, want_video, want_audio)
     sampler = audio = None
@@ -303,7 +315,8 @@ def _decode(path, num_frames, image_size, sample_rate, max_seconds, want_video, 
         # stream) are not repeatable: fall back to the nearest frame.
         have = np.array(sorted(sampler.kept))
         idx = [int(have[np.abs(have - i).argmin()]) for i in idx]
-      frames = np.stack([_to_square(sampler.kept[i], image_size) for i in idx])
+      frames = np.stack([square_image(sampler.kept[i].to_image(), image_size, frame_resize)
+                         for i in idx])
 
   if wave is not None:
     if wave.size == 0 and frames is None:
@@ -320,16 +333,19 @@ def _decode(path, num_frames, image_size, sample_rate, max_seconds, want_video, 
 
 
 def decode_clip(path, num_frames: int = 10, image_size: int = 224,
-                sample_rate: int = 16000, max_seconds: float = 10.0) -> Clip:
+                sample_rate: int = 16000, max_seconds: float = 10.0,
+                frame_resize: str = "crop") -> Clip:
   """Frames + audio of a video file; raises ClipError if either is unusable."""
-  frames, wave = _decode(path, num_frames, image_size, sample_rate, max_seconds, True, True)
+  frames, wave = _decode(path, num_frames, image_size, sample_rate, max_seconds, True, True,
+                         frame_resize)
   return Clip(frames=frames, waveform=wave, duration=wave.size / sample_rate)
 
 
 def decode_frames(path, num_frames: int = 10, image_size: int = 224,
-                  max_seconds: float = 10.0) -> np.ndarray:
+                  max_seconds: float = 10.0, frame_resize: str = "crop") -> np.ndarray:
   """(num_frames, S, S, 3) uint8 frames; the audio track is ignored."""
-  frames, _ = _decode(path, num_frames, image_size, 16000, max_seconds, True, False)
+  frames, _ = _decode(path, num_frames, image_size, 16000, max_seconds, True, False,
+                      frame_resize)
   return frames
 
 

@@ -6,7 +6,8 @@ Layout of a dataset directory:
 
 A record is a msgpack map (examples.py makes it from a clip's media):
   id:     str
-  frames: list of JPEG bytes (NUM_FRAMES = 10 frames, FRAME_SIZE = 224 px square, RGB)
+  frames: list of JPEG bytes (NUM_FRAMES = 10 frames, FRAME_SIZE = 224 px square, RGB), made
+          square as dataset_info's frames.resize says (one of FRAME_RESIZES)
   fbank:  float16 array (T, NUM_MEL_BINS = 128), raw log-mel (not normalized) of the first
           MAX_SECONDS = 10 s of SAMPLE_RATE = 16 kHz mono audio; T <= max_frames (dataset_info)
   labels: int32 array of class indices (possibly empty)
@@ -30,6 +31,11 @@ NUM_FRAMES = 10  # frames per clip
 FRAME_SIZE = 224  # stored frames are FRAME_SIZE x FRAME_SIZE
 MAX_SECONDS = 10.0  # audio and video kept from the start of a clip
 MAX_FBANK_FRAMES = 1024  # default cap on stored fbank frames (10 s give 998)
+# How a frame becomes FRAME_SIZE square (media.square_image): "crop" resizes the short side
+# (bilinear, antialiased) and centre-crops, CAV-MAE's preprocessing; "squash" resizes the whole
+# frame (bicubic, aspect ratio lost), as the released AVSiam code. Crop is the default: it keeps
+# the aspect ratio, and another default would change every stored dataset and the demo's figures.
+FRAME_RESIZES = ("crop", "squash")
 INFO_FILE = "dataset_info.json"
 _ARRAY_KEY = "__ndarray__"
 
@@ -72,12 +78,21 @@ def write_shard(path: str, examples: Iterable[dict[str, Any]]) -> int:
   return n
 
 
-def format_info(max_frames: int) -> dict[str, Any]:
+def check_frame_resize(frame_resize: str) -> str:
+  """`frame_resize` itself, or ValueError naming it unless it is one of FRAME_RESIZES."""
+  if frame_resize not in FRAME_RESIZES:
+    raise ValueError(f"frame_resize {frame_resize!r}: expected one of "
+                     f"{', '.join(map(repr, FRAME_RESIZES))}")
+  return frame_resize
+
+
+def format_info(max_frames: int, frame_resize: str = "crop") -> dict[str, Any]:
   """The "fbank" and "frames" entries of dataset_info.json: how the records were made."""
   return {
       "fbank": {"sample_rate": SAMPLE_RATE, "num_mel_bins": NUM_MEL_BINS,
                 "max_frames": max_frames, "max_seconds": MAX_SECONDS, "dtype": "float16"},
-      "frames": {"num": NUM_FRAMES, "size": FRAME_SIZE, "format": "jpeg"},
+      "frames": {"num": NUM_FRAMES, "size": FRAME_SIZE, "format": "jpeg",
+                 "resize": check_frame_resize(frame_resize)},
   }
 
 
