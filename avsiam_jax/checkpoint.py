@@ -102,19 +102,33 @@ def _reader(checkpoints_dir) -> ocp.CheckpointManager:
       create=False, enable_async_checkpointing=False))
 
 
+def _resolve(checkpoint: str):
+  """(workdir, checkpoints dir, step or None) of WORKDIR or WORKDIR/checkpoints/<step>."""
+  # Orbax restores only from absolute paths; URLs (gs://...) are left as they are.
+  path = epath.Path(checkpoint if "://" in str(checkpoint) else os.path.abspath(checkpoint))
+  if (path / CONFIG_FILE).exists():
+    return path, path / "checkpoints", None
+  if (path.name.isdigit() and path.parent.name == "checkpoints"
+      and (path.parent.parent / CONFIG_FILE).exists()):
+    return path.parent.parent, path.parent, int(path.name)
+  why = "does not exist" if not path.exists() else f"has no {CONFIG_FILE}"
+  if (path / "avsiam_init.json").exists():  # weights.load.META_FILE
+    why += (": it is converted weights, not a run; train from it with --config.model_init, or "
+            "convert a finetuned classifier with --labels to predict with it")
+  raise CheckpointError(
+      f"{checkpoint}: not a run directory (WORKDIR with {CONFIG_FILE}) nor a checkpoint step "
+      f"directory (WORKDIR/checkpoints/<step>); it {why}")
+
+
+def run_config(checkpoint: str) -> ml_collections.ConfigDict:
+  """The config.json of the run of WORKDIR or WORKDIR/checkpoints/<step>; no checkpoint read."""
+  workdir, _, _ = _resolve(checkpoint)
+  return ml_collections.ConfigDict(json.loads((workdir / CONFIG_FILE).read_text()))
+
+
 def load_run(checkpoint: str) -> Run:
   """Resolves WORKDIR or WORKDIR/checkpoints/<step>; reads config.json (and label names)."""
-  path = epath.Path(checkpoint)
-  if (path / CONFIG_FILE).exists():
-    workdir, ckpt_dir, step = path, path / "checkpoints", None
-  elif (path.name.isdigit() and path.parent.name == "checkpoints"
-        and (path.parent.parent / CONFIG_FILE).exists()):
-    workdir, ckpt_dir, step = path.parent.parent, path.parent, int(path.name)
-  else:
-    why = "does not exist" if not path.exists() else f"has no {CONFIG_FILE}"
-    raise CheckpointError(
-        f"{checkpoint}: not a run directory (WORKDIR with {CONFIG_FILE}) nor a checkpoint step "
-        f"directory (WORKDIR/checkpoints/<step>); it {why}")
+  workdir, ckpt_dir, step = _resolve(checkpoint)
   steps = []
   if ckpt_dir.exists():
     mgr = _reader(ckpt_dir)

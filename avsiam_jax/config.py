@@ -18,6 +18,7 @@ from avsiam_jax.data import records
 from avsiam_jax.models import layers
 from avsiam_jax.models.avsiam import AVSiamSpec
 from avsiam_jax.models.vit import encoder_spec
+from avsiam_jax.weights import load, place
 from avsiam_jax.weights.load import FORMATS as WEIGHT_FORMATS
 
 MODES = ("pretrain", "finetune", "eval", "pretrain+finetune")
@@ -28,6 +29,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch is split over every mesh axis that holds different examples.
 BATCH_AXES = ("data", "fsdp")
+# config.model fields trained weights are tied to: a run starting from a run directory or a
+# converted checkpoint takes them from it (dtype, remat, scan stay the run's own).
+WEIGHT_FIELDS = tuple(dict.fromkeys(place.config_key(f).rpartition(".")[2]
+                                    for f in place.ENCODER_FIELDS))
 
 
 class ConfigError(ValueError):
@@ -149,8 +154,11 @@ class RunSpec:
   checkpoint_every_steps: int
   keep_checkpoints: int
   log_every_steps: int
-  # The config as given (plain dicts), recorded in the run's config.json with this spec's stage.
+  # The config as given (plain dicts), recorded in the run's config.json with this spec's stage;
+  # its model section holds the switches taken from the weights the run starts from.
   source: dict = dataclasses.field(repr=False, compare=False, default_factory=dict)
+  # Those switches: {"source": path, "changed": {field: (as given, as taken)}}.
+  model_from_weights: dict = dataclasses.field(repr=False, compare=False, default_factory=dict)
 
   @property
   def compute_dtype(self):
@@ -202,6 +210,53 @@ def model_spec(model) -> AVSiamSpec:
   return AVSiamSpec(encoder=enc, mm_depth=m["mm_depth"], decoder_width=m["decoder_width"],
                     decoder_depth=m["decoder_depth"], decoder_heads=m["decoder_heads"],
                     decoder_norm_eps=m["decoder_norm_eps"])
+
+
+def weights_model(c) -> tuple[dict, dict]:
+  """config.model (a plain dict) with the fields the weights a run starts from were trained with
+  taken from them, and {"source": where from, "changed": {field: (as given, as taken)}}.
+
+  The weights: a finetuning run's finetune.init_checkpoint (any run directory: a pretraining
+  run, a converted classifier), else a converted model_init directory. Any other value of those
+  fields could not load them. A source that cannot be read is left to the loader to report.
+  """
+  # Orbax, which checkpoint imports, is slow to import; configs/*.py import this module.
+  from avsiam_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  model = c.model.to_dict() if hasattr(c.model, "to_dict") else dict(c.model)
+  stages = STAGES.get(c.mode, ())
+  init_checkpoint = (c.get("finetune") or {}).get("init_checkpoint", "")
+  source, fixed = "", {}
+  try:
+    if stages == ("finetune",) and init_checkpoint:
+      run_model = checkpoint.run_config(init_checkpoint).get("model") or {}
+      source, fixed = init_checkpoint, {k: run_model[k] for k in WEIGHT_FIELDS if k in run_model}
+    elif stages and c.model_init and c.model_init_format == "converted":
+      source, fixed = c.model_init, load.recorded_model_config(c.model_init)
+  except (checkpoint.CheckpointError, load.WeightError, OSError, ValueError):
+    source, fixed = "", {}
+  return model, {"source": source, "changed": _take(model, fixed)}
+
+
+def _take(model: dict, fixed: dict) -> dict:
+  """Sets `fixed` into `model`; returns {field: (as given, as taken)} for the fields it changed."""
+  changed = {}
+  for k, v in fixed.items():
+    if model.get(k) != v:
+      changed[k] = (model.get(k), v)
+      model[k] = v
+  return changed
+
+
+def with_run_model(spec: RunSpec, run_model, workdir: str) -> RunSpec:
+  """`spec` with the config.model fields a run's weights were trained with taken from its
+  config.json (`run_model`, its model section): the model mode=eval evaluates it with."""
+  model = dict(spec.source.get("model") or {})
+  changed = _take(model, {k: run_model[k] for k in WEIGHT_FIELDS if k in run_model})
+  if not changed:
+    return spec
+  return dataclasses.replace(spec, model=model_spec(model), variant=model["variant"],
+                             source=dict(spec.source, model=model),
+                             model_from_weights={"source": workdir, "changed": changed})
 
 
 def mesh_shape(mesh, num_devices: int) -> tuple[int, int, int]:
@@ -357,7 +412,8 @@ def parse(config, num_devices: int, process_count: int = 1) -> RunSpec:
     _fail("mode", f"{c.mode!r} is not one of {MODES}")
   if c.model.dtype not in DTYPES:
     _fail("model.dtype", f"must be one of {sorted(DTYPES)}, got {c.model.dtype!r}")
-  model = model_spec(c.model)
+  model_config, from_weights = weights_model(c)
+  model = model_spec(model_config)
   shape = mesh_shape(c.mesh, num_devices)
   mesh = MeshSpec(shape=shape, rules=tuple(dict(c.mesh.rules).items()))
   data_shards = mesh.batch_shards
@@ -370,9 +426,11 @@ def parse(config, num_devices: int, process_count: int = 1) -> RunSpec:
     _fail("model_init", f"{c.model_init!r} does not exist")
   if c.model_init_format not in WEIGHT_FORMATS:
     _fail("model_init_format", f"must be one of {WEIGHT_FORMATS}, got {c.model_init_format!r}")
+  source = c.to_dict() if hasattr(c, "to_dict") else dict(c)
+  source["model"] = model_config
   return RunSpec(
-      mode=c.mode, seed=int(c.seed), variant=c.model.variant, model=model, dtype=c.model.dtype, model_init=c.model_init,
-      model_init_format=c.model_init_format,
+      mode=c.mode, seed=int(c.seed), variant=model_config["variant"], model=model,
+      dtype=c.model.dtype, model_init=c.model_init, model_init_format=c.model_init_format,
       optim=OptimSpec(b1=float(c.optim.b1), b2=float(c.optim.b2),
                       weight_decay=float(c.optim.weight_decay)),
       pretrain=_pretrain(c, data_shards, "pretrain" in stages),
@@ -381,7 +439,7 @@ def parse(config, num_devices: int, process_count: int = 1) -> RunSpec:
       compile_cache_dir=str(c.get("compile_cache_dir", "")),
       checkpoint_every_steps=int(c.checkpoint_every_steps),
       keep_checkpoints=int(c.keep_checkpoints), log_every_steps=int(c.log_every_steps),
-      source=c.to_dict() if hasattr(c, "to_dict") else dict(c))
+      source=source, model_from_weights=from_weights)
 
 
 def dataset_dir(spec: RunSpec, workdir: str) -> str:

@@ -12,9 +12,9 @@ from avsiam_jax.config import FinetuneSpec, RunSpec
 from avsiam_jax.data import pipeline
 from avsiam_jax.evaluators.classification import aggregate_frames
 from avsiam_jax.models.avsiam import AVSiam
-from avsiam_jax.models.classifier import (INPUTS, AVSiamClassifier, ClassifierSpec,
+from avsiam_jax.models.classifier import (INPUTS, PRETRAINED, AVSiamClassifier, ClassifierSpec,
                                            load_pretrained)
-from avsiam_jax.weights import load
+from avsiam_jax.weights import load, place
 
 HEADS = ("head_a", "head_v", "head_av")
 # Branch index -> input, in the order branch_index draws them.
@@ -69,14 +69,20 @@ def classifier_eval_step(params, batch, *, graphdef, kind: str, frame: int):
 
 
 def pretrained_avsiam_params(spec: RunSpec, key) -> dict:
-  """Host params of the pretraining model to start from: a pretraining run's
-  (finetune.init_checkpoint), or the weights of model_init placed into a fresh model drawn from
-  `key` (it fills what the file lacks)."""
+  """Host params to start from, at least `encoder` and `mm_blocks`: those of the run
+  finetune.init_checkpoint (a pretraining run, or a classifier: a finetuning run or a converted
+  released one, whose heads are not used), or the weights of model_init placed into a fresh
+  pretraining model drawn from `key` (it fills what the file lacks)."""
   if spec.finetune.init_checkpoint:
+    run = checkpoint.load_run(spec.finetune.init_checkpoint)
+    # Stored leaves the model would not ask for (e.g. a separate audio projection) go unread:
+    # the run's recorded switches must be the model's.
+    place.check_switches(place.config_switches(run.config.get("model") or {}), spec.model,
+                         place.ENCODER_FIELDS, f"{run.workdir} was trained with other model "
+                         "settings")
     abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
         lambda: AVSiam(spec.model, rngs=nnx.Rngs(0))), nnx.Param))
-    return jax.device_get(checkpoint.restore_params(
-        checkpoint.load_run(spec.finetune.init_checkpoint), abstract))
+    return jax.device_get(checkpoint.restore_params(run, {k: abstract[k] for k in PRETRAINED}))
   return load.init_params(spec.model_init, spec.model_init_format, spec.model,
                           load.fresh_params(spec.model, key))
 

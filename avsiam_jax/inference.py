@@ -111,6 +111,7 @@ class Predictor:
 
   @classmethod
   def load(cls, checkpoint: str) -> "Predictor":
+    """A finetuning run: trained here, or a released classifier converted with --labels."""
     run = checkpoint_lib.load_run(checkpoint)
     config = run.config
     if config.get("mode") == "pretrain":
@@ -121,8 +122,8 @@ class Predictor:
                             "'finetune'")
     loss = config.get("finetune", {}).get("loss")
     if loss not in losses.CLASSIFICATION_LOSSES:
-      raise CheckpointError(f"{checkpoint}: config.finetune.loss must be one of {losses.CLASSIFICATION_LOSSES}, "
-                            f"got {loss!r}")
+      raise CheckpointError(f"{checkpoint}: config.finetune.loss must be one of "
+                            f"{losses.CLASSIFICATION_LOSSES}, got {loss!r}")
     spec = ClassifierSpec(encoder=config_lib.model_spec(config.model).encoder,
                           num_classes=len(run.label_names), mm_depth=config.model.mm_depth)
     graphdef, state = _restore_model(

@@ -56,9 +56,17 @@ def use_compile_cache(spec: RunSpec, workdir: str, environ=os.environ) -> str | 
   return path
 
 
+def log_model_from_weights(spec: RunSpec) -> None:
+  w = spec.model_from_weights
+  for field, (given, taken) in w.get("changed", {}).items():
+    logging.info("config.model.%s = %r, taken from %s (the config gave %r)", field, taken,
+                 w["source"], given)
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   """What main.py calls: the stage or stages config.mode names."""
   spec = parse_config(config)
+  log_model_from_weights(spec)
   use_compile_cache(spec, workdir)
   if spec.mode == "eval":
     return evaluate_run(spec, workdir)
@@ -239,13 +247,15 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
 def evaluate_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
   """mode=eval: the latest checkpoint of the run in `workdir` on the configured eval split.
 
-  The model comes from the current config, the classifier's loss (what its scores mean) from
-  the run's own config.json.
+  The model comes from the current config, but for the switches its weights were trained with
+  and the classifier's loss (what its scores mean), which come from the run's own config.json.
   """
   try:
     trained = checkpoint.load_run(workdir)
   except checkpoint.CheckpointError as e:
     raise ConfigError(f"mode=eval needs --workdir to be a training run: {e}") from e
+  spec = config_lib.with_run_model(spec, trained.config.get("model") or {}, workdir)
+  log_model_from_weights(spec)
   stage = "finetune" if trained.config.get("mode") == "finetune" else "pretrain"
   ds_dir, info = _dataset(spec, workdir, stage)
   if stage == "finetune":

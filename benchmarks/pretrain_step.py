@@ -119,8 +119,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
   parser.add_argument("--tiny_batch", type=int, default=0, help="0: the demo config's (40)")
-  # Base's compiled train step needs ~1.7 GB of temp memory per sample on CPU (XLA keeps every
-  # activation, attention logits included): batch 5 (5 ratio groups x 1) fits in 24 GiB, 10 not.
+  # Base's compiled train step holds ~1.4 GiB of temporaries per sample on CPU (XLA keeps every
+  # activation, attention logits included): 7.1 GiB at batch 5, 14.4 GiB at batch 10, both
+  # within 24 GiB. Batch 5 (5 ratio groups x 1) keeps the timed steps short on 2 CPUs.
   parser.add_argument("--base_batch", type=int, default=5,
                       help="Base batch (a multiple of the 5 ratio groups x devices)")
   parser.add_argument("--quick", action="store_true", help="tiny only, no Base")

@@ -63,23 +63,23 @@ def run_case(case: str, timeout: int) -> dict:
 
 def row(r: dict) -> str:
   if "error" in r and "temp_gib" in r:  # refused by the TPU compiler: does not fit
-    return (f"| {r['case']} | {r['batch_per_chip']:g} | {r['lower_s']:.0f} + "
-            f"{r['compile_s']:.0f} | - + {r['temp_gib']:.1f} | > {r['hbm_gib']} (NO) | - | - | - "
-            "| - |")
+    took = ("-" if r["compile_s"] < 0 else  # not recorded
+            f"{r['lower_s']:.0f} + {r['compile_s']:.0f}")
+    return (f"| {r['case']} | {r['batch_per_chip']:g} | {took} | - + {r['temp_gib']:.1f} | "
+            f"> {r['hbm_gib']} (NO: refused) | - | - | - | - |")
   if "error" in r:
     return f"| {r['case']} | {r['error']} |" + " |" * 8
-  flops = r["flops_per_chip"] / r["analytic_flops_per_chip"]
+  tflop = f"{r['flops_per_chip'] / 1e12:.2f}"
+  ratio = f"{r['flops_per_chip'] / r['analytic_flops_per_chip']:.2f}"
   speed = ("-" if r["samples_per_s_per_chip"] is None else
            f"{r['samples_per_s_per_chip']:.1f}")
   if r.get("scan", "/scan" in r["case"]):  # XLA counts a scanned loop body once
-    flops, speed = f"({flops:.2f})", f"({speed})"
+    tflop, ratio, speed = f"({tflop})", f"({ratio})", f"({speed})"
   coll = ", ".join(f"{v} {k}" for k, v in sorted(r["collectives"].items()))
   fits = "yes" if r["fits"] else "NO"
-  flops = flops if isinstance(flops, str) else f"{flops:.2f}"
   return (f"| {r['case']} | {r['batch_per_chip']:g} | {r['lower_s']:.0f} + {r['compile_s']:.0f} "
           f"| {r['argument_gib']:.2f} + {r['temp_gib']:.2f} | {r['used_gib']:.1f} / "
-          f"{r['hbm_gib']} ({fits}) | {r['flops_per_chip'] / 1e12:.2f} | {flops} | {coll} "
-          f"| {speed} |")
+          f"{r['hbm_gib']} ({fits}) | {tflop} | {ratio} | {coll} | {speed} |")
 
 
 def main():

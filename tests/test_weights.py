@@ -272,8 +272,9 @@ def release_spec(**enc_overrides):
                     decoder_heads=2, decoder_norm_eps=1e-5)
 
 
-def fake_release(seed=0, *, finetuned=False):
-  """A released-AVSiam state dict (key names and layouts of the PyTorch modules), tiny sizes."""
+def fake_release(seed=0, *, finetuned=False, na=NA, num_classes=7):
+  """A released-AVSiam state dict (key names and layouts of the PyTorch modules), tiny sizes:
+  `na` audio positions, `num_classes` classes in a finetuned file's heads."""
   rng = np.random.default_rng(seed)
   def r(*shape, scale=0.2, loc=0.0):
     return (loc + scale * rng.normal(size=shape)).astype(np.float32)
@@ -291,7 +292,7 @@ def fake_release(seed=0, *, finetuned=False):
     sd = {f"{bb}.cls_token": r(1, 1, D), f"{bb}.pos_embed": r(1, 1 + NV, D),
           f"{bb}.patch_embed.proj.weight": w, f"{bb}.patch_embed.proj.bias": r(D),
           f"{bb}.patch_embed_a.proj.weight": w.mean(axis=1, keepdims=True),
-          f"{bb}.patch_embed_a.proj.bias": r(D), f"{bb}.pos_embed_a": r(1, NA, D),
+          f"{bb}.patch_embed_a.proj.bias": r(D), f"{bb}.pos_embed_a": r(1, na, D),
           f"{bb}.norm.weight": r(D, loc=1.0), f"{bb}.norm.bias": r(D),
           f"{bb}.norm_a.weight": r(D, loc=1.0), f"{bb}.norm_a.bias": r(D),
           f"{bb}.head.weight": r(5, D), f"{bb}.head.bias": r(5)}
@@ -308,13 +309,13 @@ def fake_release(seed=0, *, finetuned=False):
   if finetuned:
     heads = (("mlp_head", D), ("mlp_head_a", D), ("mlp_head_mm", 2 * D), ("mlp_head_mm_v2", D))
     for h, din in heads:
-      sd.update({f"{h}.0.weight": r(din), f"{h}.0.bias": r(din), f"{h}.1.weight": r(7, din),
-                 f"{h}.1.bias": r(7)})
+      sd.update({f"{h}.0.weight": r(din, loc=1.0), f"{h}.0.bias": r(din),
+                 f"{h}.1.weight": r(num_classes, din), f"{h}.1.bias": r(num_classes)})
   else:
     sd.update({k.replace("vit_base.", "ast_base.", 1): r(*v.shape)
                for k, v in backbone("vit_base").items()})
     sd.update({"decoder_embed.weight": r(DW, D), "decoder_embed.bias": r(DW),
-               "decoder_pos_embed_a": r(1, NA, DW), "decoder_pos_embed_v": r(1, NV, DW),
+               "decoder_pos_embed_a": r(1, na, DW), "decoder_pos_embed_v": r(1, NV, DW),
                "mask_token": r(1, 1, DW), "decoder_modality_a": r(1, 1, DW),
                "decoder_modality_v": r(1, 1, DW), "decoder_norm.weight": r(DW, loc=1.0),
                "decoder_norm.bias": r(DW), "decoder_pred_a.weight": r(P * P, DW),
@@ -489,9 +490,12 @@ def test_cli_convert_then_load(tmp_path, capsys):
                      "--decoder-width", str(DW), "--decoder-depth", "1", "--decoder-heads", "2"])
   assert rc == 0
   printed = capsys.readouterr().out
-  assert "--config.model.double_tokens=True" in printed
+  # The directory carries its switches: no --config.model.* flag to pass.
+  assert "double_tokens=True" in printed and "decoder_norm_eps=1e-05" in printed
+  assert "--config.model." not in printed
   meta = json.load(open(os.path.join(out, "avsiam_init.json")))
   assert meta["source_format"] == "avsiam" and meta["switches"]["double_tokens"] is True
+  assert "decoder_norm_eps" in meta["required"]
   assert meta["dropped"]["vit_base.cls_token"]
   spec = release_spec()
   _, params = fresh(spec, seed=5)

@@ -1,7 +1,8 @@
 """AVSiam finetuning model: the pretrained shared encoder and multimodal blocks plus three heads.
 
 `encoder` and `mm_blocks` are named as in the pretraining model, so those parameter subtrees
-load by name (`load_pretrained`); the heads start fresh. Heads, by released name:
+load by name (`load_pretrained`); the heads start fresh when finetuning (a released finetuned
+classifier's convert into them: weights/avsiam_release.py). Heads, by released name:
   head_a  (mlp_head_a):  LayerNorm + Dense on mean-pooled audio tokens;
   head_v  (mlp_head):    LayerNorm + Dense on mean-pooled video tokens;
   head_av (mlp_head_mm): LayerNorm + Dense on [mean audio part, mean video part] (2D) of the

@@ -46,7 +46,8 @@ class EncoderSpec:
   block_norm_eps: float = 1e-5
   final_norm_eps: float = 1e-6
   # Recompute block activations in the backward pass (encoder, multimodal and decoder blocks):
-  # same numbers, less memory, more compute; layers.REMAT_POLICIES ("none", "dots", "full").
+  # same numbers, more compute, less memory where the compiler keeps to it (README);
+  # layers.REMAT_POLICIES ("none", "dots", "full").
   remat: str = "none"
   # Run each stack of blocks as one jax.lax.scan (layers.run_blocks): one block body to compile.
   scan: bool = False

@@ -11,28 +11,30 @@ Key names are those of the released `CAVMAE_BASE` (pretraining) and `CAVMAEFT_BA
   ast_base.* (pretraining: a deep copy of the backbone used only by the released MAE pass for
   audio), mm_layer_1/2.* (blocks; the released code runs them with the `_a` norms),
   decoder_embed, decoder_pos_embed_a/v, mask_token, decoder_modality_a/v, decoder_blocks.k.*
-  (run with norm1/norm2), decoder_norm, decoder_pred_a/v; finetuned files add mlp_head*.
+  (run with norm1/norm2), decoder_norm, decoder_pred_a/v. Finetuned files (CAVMAEFT_BASE) have no
+  decoder nor ast_base and add the heads mlp_head_a (audio), mlp_head (video), mlp_head_mm
+  (audio-visual), each Sequential(LayerNorm, Linear), and mlp_head_mm_v2 (never called).
   bb is vit_base (verified in the released source); vit_large / vit_huge are accepted by
   analogy (the released .pyc files of the unreleased Large/Huge models name them) but no
   checkpoint of those sizes has been published.
 
 Reproduced exactly (the released retrieval/finetuning encoder path): tokens doubled before the
 blocks (double_tokens=True), per-modality norms with eps 1e-5, final norms with eps 1e-6, the
-trained audio posemb, the multimodal blocks. The separate audio patch projection is stored
-only if it equals the channel mean of the RGB kernel (the model has one kernel); its bias is
-folded into the audio posemb.
+trained audio posemb, the multimodal blocks, the decoder (eps 1e-5) and, into the classifier,
+the three heads. With `separate_audio_patch` (the release default) the trained audio patch
+projection is stored as it is; a model without one takes it only if it equals the RGB kernel's
+channel mean (or, told so, drops it), its bias folded into the audio posemb.
 """
 from __future__ import annotations
 
 import re
-import warnings
 
 import numpy as np
 
 from avsiam_jax.models.avsiam import AVSiamSpec
 from avsiam_jax.weights.common import (Source, SpecMismatch, Target, WeightError, require,
                                        strip_prefix)
-from avsiam_jax.weights.place import put_block
+from avsiam_jax.weights.place import DECODER_SHAPE_FIELDS, ENCODER_FIELDS, put_block
 from avsiam_jax.weights.vit_sources import timm_block
 
 BACKBONES = ("vit_base", "vit_large", "vit_huge")
@@ -41,6 +43,8 @@ DECODER_FRESH = ("decoder_embed", "mask_token", "decoder_posemb", "modality_toke
 RELEASE_SWITCHES = {"double_tokens": True, "modality_norms": True, "block_norm_eps": 1e-5,
                     "final_norm_eps": 1e-6}
 RELEASE_DECODER_EPS = 1e-5
+# Classifier head -> released module, and its input width in encoder widths.
+HEADS = (("head_a", "mlp_head_a", 1), ("head_v", "mlp_head", 1), ("head_av", "mlp_head_mm", 2))
 _WHY = {
     "double_tokens": "the released model adds the patch embedding to itself (x + norm_pre(x), "
                      "norm_pre = identity)",
@@ -57,9 +61,31 @@ def _indices(s: Source, pattern: str) -> list[int]:
   return sorted(nums)
 
 
+def num_classes(flat: dict[str, np.ndarray]) -> int:
+  """Classes scored by a released finetuned state dict's heads; WeightError if it has none."""
+  flat = strip_prefix(flat, "module.")
+  shapes = {h: flat[f"{h}.1.weight"].shape for _, h, _ in HEADS if f"{h}.1.weight" in flat}
+  if not shapes:
+    raise WeightError("the state dict has no classification heads (mlp_head_a, mlp_head, "
+                      "mlp_head_mm): it is not a finetuned AVSiam classifier")
+  counts = {h: s[0] for h, s in shapes.items()}
+  if len(shapes) < len(HEADS) or len(set(counts.values())) != 1:
+    raise WeightError(f"the released heads do not score one set of classes: {counts}")
+  return next(iter(counts.values()))
+
+
+def has_heads(flat: dict[str, np.ndarray]) -> bool:
+  return any(k.startswith(("mlp_head", "module.mlp_head")) for k in flat)
+
+
 def place_release(flat: dict[str, np.ndarray], spec: AVSiamSpec, params: dict, *,
                   allow_lossy_audio_patch: bool = False) -> tuple[dict, dict]:
-  """New pure dict from a released state dict; also {'dropped': {...}, 'notes': [...]}."""
+  """New pure dict from a released state dict; also {'dropped', 'notes', 'fresh', 'required'}.
+
+  `params` is the pretraining model's (AVSiam) or the classifier's (AVSiamClassifier, its heads
+  filled from the finetuned file's): the target's parameters decide what is placed. 'required'
+  lists the spec fields the result depends on.
+  """
   enc = spec.encoder
   s = Source(strip_prefix(flat, "module."), "released AVSiam state dict")
   bbs = sorted({k.split(".")[0] for k in s.keys()} & set(BACKBONES))
@@ -158,7 +184,12 @@ def place_release(flat: dict[str, np.ndarray], spec: AVSiamSpec, params: dict, *
                                 "this model shares one encoder"):
     notes.append("ast_base.* dropped: the released reconstruction branch encoded audio with a "
                  "separate backbone copy; here both branches share the encoder")
-  s.drop_prefix("mlp_head", "finetuning classification head: the model has none")
+  if "head_a/dense/kernel" in t:
+    _place_heads(s, t, d)
+    s.drop_prefix("mlp_head_mm_v2.", "a head the released forward never calls")
+    notes.append("heads: mlp_head_a -> head_a, mlp_head -> head_v, mlp_head_mm -> head_av")
+  else:
+    s.drop_prefix("mlp_head", "finetuning classification head: the model has none")
 
   # Multimodal layers: the released code runs them with their audio-stream norms.
   mm = sorted({int(m_.group(1)) for k in s.keys() if (m_ := re.match(r"mm_layer_(\d+)\.", k))})
@@ -175,21 +206,38 @@ def place_release(flat: dict[str, np.ndarray], spec: AVSiamSpec, params: dict, *
   if "mm_norm/scale" in t:
     t.keep_fresh("mm_norm")
 
-  if "decoder_embed.weight" in s:
+  required = list(ENCODER_FIELDS)
+  if "decoder_embed/kernel" not in t:   # the classifier
+    for prefix in ("decoder_", "mask_token"):
+      s.drop_prefix(prefix, "the classifier has no decoder")
+  elif "decoder_embed.weight" in s:
+    require(spec.decoder_norm_eps, RELEASE_DECODER_EPS, "config.model.decoder_norm_eps",
+            "the released decoder LayerNorms use torch's default eps")
     _place_decoder(s, spec, t, d)
+    required += [*DECODER_SHAPE_FIELDS, "decoder_norm_eps"]
     if "mm_norm/scale" in t:
       notes.append("mm_norm starts fresh: the released pretraining model feeds the multimodal "
                    "layers' output to decoder_embed without a LayerNorm")
-    if spec.decoder_norm_eps != RELEASE_DECODER_EPS:
-      msg = (f"the released decoder LayerNorms use eps {RELEASE_DECODER_EPS}, the model "
-             f"{spec.decoder_norm_eps} (config.model.decoder_norm_eps)")
-      warnings.warn(msg)
-      notes.append(msg)
   else:
     for p_ in DECODER_FRESH:
       t.keep_fresh(p_)
+    required += DECODER_SHAPE_FIELDS   # the fresh decoder is stored with these shapes
     notes.append("no decoder in the source (a finetuned checkpoint): decoder fresh")
-  return t.result(), {"dropped": s.finish(), "notes": notes, "fresh": sorted(t.fresh)}
+  return t.result(), {"dropped": s.finish(), "notes": notes, "fresh": sorted(t.fresh),
+                      "required": required}
+
+
+def _place_heads(s: Source, t: Target, d: int) -> None:
+  """The released heads, Sequential(LayerNorm, Linear), into the classifier's Head modules."""
+  for ours, theirs, k in HEADS:
+    n = t.shape(f"{ours}/dense/kernel")[1]
+    for w, name in (("weight", "scale"), ("bias", "bias")):
+      key = f"{theirs}.0.{w}"
+      t.put(f"{ours}/norm/{name}", s.take(key, (k * d,)), key)
+    key = f"{theirs}.1.weight"
+    t.put(f"{ours}/dense/kernel", s.take(key, (n, k * d)).T, key)
+    key = f"{theirs}.1.bias"
+    t.put(f"{ours}/dense/bias", s.take(key, (n,)), key)
 
 
 def _place_decoder(s: Source, spec: AVSiamSpec, t: Target, d: int) -> None:

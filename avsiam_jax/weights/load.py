@@ -28,14 +28,15 @@ FORMATS = ("converted",) + SOURCE_FORMATS     # and directories written by conve
 META_FILE = "avsiam_init.json"
 PARAMS_DIR = "params"
 
-# Spec fields a converted checkpoint depends on (checked when it is loaded).
+# Spec fields a converted checkpoint depends on (checked when it is loaded, taken by the trainer).
+# An image ViT fixes the shapes, the audio posemb resize and the audio projection layout; the
+# released AVSiam's converter lists its own (the encoder's switches, the decoder's when converted).
 _SHAPE_FIELDS = ("width", "depth", "mlp", "heads", "patch", "image_size", "audio_frames",
                  "mel_bins", "audio_patch_mode", "modality_norms", "mm_depth", "decoder_width",
                  "decoder_depth", "decoder_heads")
 REQUIRED = {
-    "vitjax": _SHAPE_FIELDS + ("audio_posemb_init",),
-    "timm": _SHAPE_FIELDS + ("audio_posemb_init",),
-    "avsiam": _SHAPE_FIELDS + tuple(avsiam_release.RELEASE_SWITCHES),
+    "vitjax": _SHAPE_FIELDS + ("audio_posemb_init", "separate_audio_patch"),
+    "timm": _SHAPE_FIELDS + ("audio_posemb_init", "separate_audio_patch"),
 }
 
 
@@ -49,11 +50,13 @@ def fresh_params(spec: AVSiamSpec, seed=0) -> dict:
 
 
 def convert_source(path: str, fmt: str, spec: AVSiamSpec, params: dict, *,
-                   allow_lossy_audio_patch: bool = False) -> tuple[dict, dict]:
-  """(new pure dict, info) from a source file; info: dropped keys, notes, required fields."""
+                   allow_lossy_audio_patch: bool = False,
+                   tensors: dict | None = None) -> tuple[dict, dict]:
+  """(new pure dict, info) from a source file (or its `tensors`, already read); info: dropped
+  keys, notes, fresh leaves, required spec fields."""
   if fmt not in SOURCE_FORMATS:
     raise ValueError(f"source format must be 'vitjax', 'timm' or 'avsiam', got {fmt!r}")
-  flat = read_tensors(path)
+  flat = read_tensors(path) if tensors is None else tensors
   if fmt == "avsiam":
     new, info = avsiam_release.place_release(flat, spec, params,
                                              allow_lossy_audio_patch=allow_lossy_audio_patch)
@@ -62,7 +65,7 @@ def convert_source(path: str, fmt: str, spec: AVSiamSpec, params: dict, *,
            else vit_sources.read_timm(flat, spec.encoder.heads))
     new, info = place.place_vit(vit, spec, params)
     info["dropped"] = vit.dropped
-  info["required"] = list(REQUIRED[fmt])
+    info["required"] = list(REQUIRED[fmt])
   return new, info
 
 
@@ -72,6 +75,33 @@ def read_meta(directory: str) -> dict:
     raise WeightError(f"{directory!r} is not a converted checkpoint: no {META_FILE}")
   with open(meta_path) as f:
     return json.load(f)
+
+
+def required_fields(meta: dict) -> list[str]:
+  """The spec fields a converted checkpoint was made for, from its record (older records, whose
+  list lacked the audio projection and the decoder eps, get them here)."""
+  required = meta.get("required", ())
+  fields = [*required, "separate_audio_patch"]  # it decides which leaves exist
+  fresh = meta.get("fresh")
+  if (meta.get("source_format") == "avsiam" and "separate_audio_patch" not in required
+      and fresh is not None and not any(p.startswith("decoder_norm/") for p in fresh)):
+    fields.append("decoder_norm_eps")  # the released decoder, trained with eps 1e-5
+  return list(dict.fromkeys(fields))
+
+
+def recorded_model_config(directory: str) -> dict[str, object]:
+  """{config.model field: value} a converted checkpoint was made for: what a run starting from
+  it takes. The variant comes only from records that name it."""
+  meta = read_meta(directory)
+  out = {}
+  for f in required_fields(meta):
+    key = place.config_key(f).rpartition(".")[2]
+    if key == "variant":
+      if meta.get("variant"):
+        out["variant"] = meta["variant"]
+    elif f in meta.get("switches", {}):
+      out[key] = meta["switches"][f]
+  return out
 
 
 def read_converted(directory: str) -> dict[str, np.ndarray]:
@@ -84,9 +114,12 @@ def read_converted(directory: str) -> dict[str, np.ndarray]:
 
 def load_converted(directory: str, spec: AVSiamSpec, params: dict) -> dict:
   meta = read_meta(directory)
-  # The separate audio projection changes which parameters exist: always check it.
-  required = (*meta.get("required", ()), "separate_audio_patch")
-  place.check_switches(meta["switches"], spec, required,
+  if meta.get("layout") == "run":
+    raise WeightError(
+        f"{directory!r} is a converted classifier (a finetuning run directory): finetune from it "
+        "with config.finetune.init_checkpoint, or predict with python -m avsiam_jax.predict; "
+        "to start pretraining from its encoder, convert the file with --drop-heads")
+  place.check_switches(meta["switches"], spec, required_fields(meta),
                        f"{directory!r} was converted with other model settings")
   stored = read_converted(directory)
   targets = trees.flatten(params)
@@ -148,4 +181,4 @@ def check_initialized(params: dict) -> None:
 
 __all__ = ["FORMATS", "SOURCE_FORMATS", "SpecMismatch", "WeightError", "check_initialized",
            "convert_source", "fresh_params", "init_params", "load_converted", "read_converted",
-           "read_meta"]
+           "read_meta", "recorded_model_config", "required_fields"]

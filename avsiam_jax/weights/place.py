@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 from avsiam_jax.models.avsiam import AVSiamSpec
-from avsiam_jax.models.vit import resize_posemb
+from avsiam_jax.models.vit import encoder_spec, resize_posemb
 from avsiam_jax.weights.common import SpecMismatch, Target
 from avsiam_jax.weights.vit_sources import ViTWeights
 
@@ -26,6 +26,12 @@ ATTN_MLP = {"attn/qkv": "qkv", "attn/qkv_bias": "qkv_bias", "attn/out": "out",
             "mlp/fc2/kernel": "fc2_kernel", "mlp/fc2/bias": "fc2_bias"}
 
 _VARIANT_FIELDS = ("width", "depth", "mlp", "heads", "patch")
+# The switches trained encoder and multimodal-block weights are tied to (a run that starts from
+# them must use the same); remat, scan and audio_posemb_init (an initialization) are free.
+ENCODER_FIELDS = _VARIANT_FIELDS + (
+    "image_size", "audio_frames", "mel_bins", "audio_patch_mode", "modality_norms",
+    "double_tokens", "separate_audio_patch", "block_norm_eps", "final_norm_eps", "mm_depth")
+DECODER_SHAPE_FIELDS = ("decoder_width", "decoder_depth", "decoder_heads")
 
 
 def config_key(field: str) -> str:
@@ -39,6 +45,17 @@ def spec_switches(spec: AVSiamSpec) -> dict:
   """Every encoder and AVSiam field, flat (the record written next to a converted checkpoint)."""
   out = dataclasses.asdict(spec.encoder)
   out.update({k: v for k, v in dataclasses.asdict(spec).items() if k != "encoder"})
+  return out
+
+
+def config_switches(model_config) -> dict:
+  """The spec fields a config.model section (a run's config.json) sets, flat like
+  `spec_switches`; fields an older config lacks are left out."""
+  out = {f: model_config[f] for f in spec_switches(AVSiamSpec(encoder_spec("test")))
+         if f not in _VARIANT_FIELDS and f in model_config}
+  if "variant" in model_config:
+    enc = encoder_spec(model_config["variant"])
+    out.update({f: getattr(enc, f) for f in _VARIANT_FIELDS})
   return out
 
 
