@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from avsiam_jax import trees
+from avsiam_jax.weights import load
 
 CONFIG_FILE, LABELS_FILE = "config.json", "label_names.json"
 HINT = ("was it written with another config.model (variant, image_size, audio_frames, mel_bins, "
@@ -112,7 +113,7 @@ def _resolve(checkpoint: str):
       and (path.parent.parent / CONFIG_FILE).exists()):
     return path.parent.parent, path.parent, int(path.name)
   why = "does not exist" if not path.exists() else f"has no {CONFIG_FILE}"
-  if (path / "avsiam_init.json").exists():  # weights.load.META_FILE
+  if (path / load.META_FILE).exists():
     why += (": it is converted weights, not a run; train from it with --config.model_init, or "
             "convert a finetuned classifier with --labels to predict with it")
   raise CheckpointError(

@@ -31,6 +31,7 @@ class BestTracker:
   """Per-epoch results in, the best epoch's checkpoint and results kept."""
 
   def __init__(self, workdir: str, patience: int):
+    self.workdir = workdir
     self.dir = os.path.join(workdir, "best")
     self.path = os.path.join(self.dir, "selection.json")
     self.patience = patience
@@ -43,7 +44,7 @@ class BestTracker:
                                         keep=1)
 
   def update(self, step: int, epoch: int, results: dict[str, Any], metric: tuple[str, float],
-             train_state, data_state, workdir: str) -> bool:
+             train_state, data_state) -> bool:
     """Records an epoch's results; saves its checkpoint if it is the best so far."""
     name, value = metric
     best = self.state["best_score"]
@@ -53,8 +54,8 @@ class BestTracker:
       self.ckpt.manager.wait_until_finished()
       if jax.process_index() == 0:
         for f in (checkpoint.CONFIG_FILE, checkpoint.LABELS_FILE):
-          if os.path.exists(os.path.join(workdir, f)):
-            shutil.copy(os.path.join(workdir, f), os.path.join(self.dir, f))
+          if os.path.exists(os.path.join(self.workdir, f)):
+            shutil.copy(os.path.join(self.workdir, f), os.path.join(self.dir, f))
       self.state.update(best_step=step, best_epoch=epoch, metric=name, best_score=value,
                         best_results=results, epochs_since_best=0)
     else:

@@ -22,11 +22,6 @@ def abstract_model(task):
   return nnx.eval_shape(lambda: task.model(nnx.Rngs(0)))
 
 
-def param_shardings(task, mesh) -> dict:
-  return sharding.param_shardings(nnx.state(abstract_model(task), nnx.Param), mesh,
-                                  dict(task.spec.mesh.rules))
-
-
 def create_state(task, groups: dict[str, optim.OptGroup], key) -> dict:
   params = nnx.to_pure_dict(nnx.state(task.model(nnx.Rngs(params=key)), nnx.Param))
   return {"params": params,
@@ -52,7 +47,8 @@ def make_eval_fns(task, mesh) -> EvalFns:
   abstract = abstract_model(task)
   graphdef = nnx.graphdef(abstract)
   shapes = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-  shardings = param_shardings(task, mesh)
+  shardings = sharding.param_shardings(nnx.state(abstract, nnx.Param), mesh,
+                                       dict(task.spec.mesh.rules))
   eval_step = jax.jit(functools.partial(task.eval_step, graphdef=graphdef),
                       in_shardings=(shardings, sharding.batch_sharding(mesh)))
   return EvalFns(eval_step, checkpoint.abstract_with_shardings(shapes, shardings), graphdef)

@@ -213,7 +213,7 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
       logger.scalars(step, flat_scalars(epoch_results))
       metric = selection.score(epoch_results, loss)
       if best.update(step, step // steps_per_epoch, epoch_results, metric, train_state,
-                     train_iter.get_state(), workdir):
+                     train_iter.get_state()):
         logging.info("Epoch %d: %s %.4f, the best so far", step // steps_per_epoch, *metric)
       if best.stop:
         logging.info("Stopping early: no gain for %d epochs", spec.eval.early_stop_epochs)
