@@ -42,7 +42,7 @@ def build_dataset(path: str, clips: int, shards: int = 4, seed: int = 0) -> floa
   """Writes the synthetic dataset; returns its mean record size in KB."""
   rng = np.random.default_rng(seed)
   frames_pool = [_frame(rng) for _ in range(50)]  # reuse frames: building stays quick
-  names, total, example_labels = [], 0, []
+  total, splits = 0, []
   per = -(-clips // shards)
   for s in range(shards):
     examples = []
@@ -51,14 +51,10 @@ def build_dataset(path: str, clips: int, shards: int = 4, seed: int = 0) -> floa
       fbank = rng.normal(-5.0, 4.5, (1024, 128)).astype(np.float16)
       labels = rng.choice(NUM_CLASSES, rng.integers(1, 4), replace=False).astype(np.int32)
       examples.append(dict(id=f"clip{i:05d}", frames=frames, fbank=fbank, labels=labels))
-      example_labels.append(labels.tolist())
       total += sum(map(len, frames)) + fbank.nbytes
-    name = records.shard_name("train", s, shards)
-    records.write_shard(os.path.join(path, name), examples)
-    names.append(name)
-  records.write_info(path, dict(label_names=[f"class{c}" for c in range(NUM_CLASSES)],
-                                splits={"train": dict(shards=names, num_examples=clips,
-                                                      example_labels=example_labels)}))
+    splits.append(examples)
+  records.write_dataset(path, {"train": splits},
+                        label_ids=[f"class{c}" for c in range(NUM_CLASSES)])
   return total / clips / 1024
 
 

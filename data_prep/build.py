@@ -1,4 +1,4 @@
-"""Builds an AVSiam dataset (ArrayRecord shards + dataset_info.json) from raw media.
+"""Builds an AVSiam dataset (a TFDS-format ArrayRecord dataset) from raw media.
 
   python -m data_prep.build --input JSON_OR_DIR [--labels CSV] --out DATASET_DIR
       [--split train] [--num_shards N] [--workers W]
@@ -32,10 +32,15 @@ CAV-MAE; squash: the whole frame resized to 224 x 224, bicubic, as the released 
 the kaldi fbank of the first 10 s of 16 kHz mono audio as float16 (T <= max_frames, 128),
 unpadded, and int32 labels. Every split of a dataset has the same max_frames and frame_resize.
 
-Output in DATASET_DIR: <split>-iiiii-of-nnnnn.array_record shards; dataset_info.json with
-label_names, label_ids, fbank and frames settings, and per split num_examples, shards,
-num_skipped and example_labels (every record's classes, in record order); report.json with,
-per split, the counts and every skipped clip as {id, path, reason, message}.
+Output in DATASET_DIR, a dataset `tfds.builder_from_directory(DATASET_DIR)` opens without
+TensorFlow: <name>-<split>.array_record-iiiii-of-nnnnn shards of tf.train.Examples; TFDS's
+dataset_info.json (shard lengths) and features.json; metadata.json with this project's
+label_names, label_ids, fbank and frames settings, and per split num_skipped and
+example_labels (every record's classes, in record order); report.json with, per split, the
+counts and every skipped clip as {id, path, reason, message}. <name> is the folder's name, or
+NAME for a folder DATA_DIR/NAME/X.Y.Z (then `tfds.data_source("NAME", data_dir=DATA_DIR)` finds
+it). A folder of the earlier format (msgpack records) is refused: convert it first with
+`python -m data_prep.convert --dataset DATASET_DIR`.
 
 Bad input: each case has one rule, and a skipped clip is never written as a placeholder.
   * a malformed JSON/CSV (or a vocabulary that differs from the dataset's) stops the build
@@ -348,7 +353,12 @@ def _shard_ranges(n, num_shards):
 
 def _existing_info(out):
   path = os.path.join(out, records.INFO_FILE)
-  return records.read_info(out) if os.path.exists(path) else None
+  if not os.path.exists(path):
+    return None
+  try:
+    return records.read_info(out)
+  except records.FormatError as e:  # e.g. the earlier format: names the convert command
+    raise InputError(str(e)) from None
 
 
 def _check_compatible(out, label_ids, label_names, max_frames, frame_resize):
@@ -356,7 +366,7 @@ def _check_compatible(out, label_ids, label_names, max_frames, frame_resize):
   info = _existing_info(out)
   if info is None:
     return
-  where = os.path.join(out, records.INFO_FILE)
+  where = os.path.join(out, records.METADATA_FILE)
   if list(info.get("label_ids", [])) != list(label_ids):
     old, new = set(info.get("label_ids", [])), set(label_ids)
     raise InputError(
@@ -387,12 +397,21 @@ def _read_plan(path):
   return dict({"frame_resize": "crop"}, **_read_json(path))
 
 
+def _legacy_shards(out, split):
+  return glob.glob(os.path.join(out, f"{split}-*-of-*.array_record"))
+
+
 def _check_plan(out, split, plan):
   """Writes the plan, or checks that an earlier/parallel run used the same one."""
   os.makedirs(_state_dir(out, split), exist_ok=True)
   path = os.path.join(_state_dir(out, split), "plan.json")
   if os.path.exists(path):
     old = _read_plan(path)
+    if "name" not in old:  # written by a build of the earlier (msgpack) format
+      raise InputError(
+          f"{out}: split {split!r} was started by a build of the earlier format ({path}); "
+          f"delete its shards and {_state_dir(out, split)} to start over, or finish it with that "
+          f"version and convert it with `{records.CONVERT_COMMAND.format(dir=out)}`")
     diff = [k for k in plan if old.get(k) != plan[k]]
     if diff:
       # Short settings with both values; lists and the fingerprint by name only.
@@ -404,9 +423,14 @@ def _check_plan(out, split, plan):
           f"{_state_dir(out, split)} to start over")
   else:
     _write_json(path, plan)
+  legacy = _legacy_shards(out, split)
+  if legacy:
+    raise InputError(f"{out}: {legacy[0]} is a shard of the earlier format; convert the "
+                     f"dataset first: `{records.CONVERT_COMMAND.format(dir=out)}`")
   names = set(plan["shards"])
-  stray = [p for p in glob.glob(os.path.join(out, f"{split}-*-of-*.array_record"))
-           if os.path.basename(p) not in names]
+  pattern = f"{plan['name']}-{split}.{records.FILE_FORMAT}-*-of-*"
+  stray = [p for p in glob.glob(os.path.join(out, pattern)) if os.path.basename(p) not in names
+           and not p.endswith(".tmp")]
   if stray:
     raise InputError(f"{out}: {stray[0]} belongs to another build of split {split!r} "
                      f"(this one has {plan['num_shards']} shards); remove it first")
@@ -447,11 +471,13 @@ def finalize(out, split="train", verbose=True):
                   shards=plan["shards"])
     _check_compatible(out, plan["label_ids"], plan["label_names"], plan["max_frames"],
                       plan["frame_resize"])
-    info = _existing_info(out) or dict(label_names=plan["label_names"],
+    info = _existing_info(out) or dict(name=plan["name"], version=plan["version"],
+                                       label_names=plan["label_names"],
                                        label_ids=plan["label_ids"], splits={})
     info.update(records.format_info(plan["max_frames"], plan["frame_resize"]))
     # example_labels (record order): class-balanced sampling without reading every record.
     info["splits"][split] = {"num_examples": report["num_examples"], "shards": plan["shards"],
+                             "shard_lengths": [p["num_examples"] for p in parts],
                              "num_skipped": report["num_skipped"],
                              "example_labels": [l for p in parts for l in p["example_labels"]]}
     report_path = os.path.join(out, REPORT_FILE)
@@ -588,8 +614,12 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
     num_shards = min(n, max(process_count, math.ceil(n / CLIPS_PER_SHARD)))
   if num_shards < 1:
     raise InputError(f"num_shards must be positive, got {num_shards}")
-  names = [records.shard_name(split, i, num_shards) for i in range(num_shards)]
-  plan = {"input": os.path.abspath(input), "num_entries": n, "num_shards": num_shards,
+  # A later split keeps the dataset's TFDS name; a new dataset is named after its folder.
+  name, version = ((existing["name"], existing["version"]) if existing
+                   else records.dataset_name(out))
+  names = [records.shard_name(name, split, i, num_shards) for i in range(num_shards)]
+  plan = {"input": os.path.abspath(input), "name": name, "version": version,
+          "num_entries": n, "num_shards": num_shards,
           "shards": names, "max_frames": max_frames, "frame_resize": frame_resize,
           "label_ids": label_ids, "label_names": label_names,
           "entries_sha256": _plan_fingerprint(entries)}
@@ -623,7 +653,8 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
               "example_labels": []}
       count = ranges[i][1] - ranges[i][0]
       records.write_shard(path, _shard_examples(results, count, part,
-                                                _part_path(out, split, names[i]), progress))
+                                                _part_path(out, split, names[i]), progress),
+                          len(label_ids))
   finally:
     if pool is not None:
       pool.shutdown(wait=True, cancel_futures=True)

@@ -31,18 +31,10 @@ def _jpeg(value: int, size: int = 224) -> bytes:
 
 
 def _write(path, examples, num_classes, shards=2, store_labels=False):
-  os.makedirs(path, exist_ok=True)
   per = -(-len(examples) // shards)
-  names = []
-  for s in range(shards):
-    name = records.shard_name("train", s, shards)
-    records.write_shard(os.path.join(path, name), examples[s * per:(s + 1) * per])
-    names.append(name)
-  split = dict(shards=names, num_examples=len(examples))
-  if store_labels:
-    split["example_labels"] = [e["labels"].tolist() for e in examples]
-  records.write_info(path, dict(label_names=[f"c{c}" for c in range(num_classes)],
-                                splits={"train": split}))
+  records.write_dataset(path, {"train": [examples[s * per:(s + 1) * per] for s in range(shards)]},
+                        label_ids=[f"c{c}" for c in range(num_classes)],
+                        store_labels=store_labels)
   return path
 
 

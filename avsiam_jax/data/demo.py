@@ -56,21 +56,15 @@ def ensure_demo_dataset(dataset_dir: str, train_clips: int, eval_clips: int, *, 
             for item in data]
   # The video file carries the audio track too: no separate audio file.
   clips = [(item["video_id"], item["video_path"], l) for item, l in zip(data, labels)]
-  os.makedirs(dataset_dir, exist_ok=True)
-  # Keys in the order the builder writes them.
-  info = {"label_names": label_names, "label_ids": label_ids, "splits": {}}
-  info.update(records.format_info(records.MAX_FBANK_FRAMES))
   with _one_blas_thread(), futures.ProcessPoolExecutor(
       workers or min(2, os.cpu_count() or 1),
       mp_context=multiprocessing.get_context("spawn")) as pool:
     made = _logged(pool.map(_make_example, clips, chunksize=4), total)
-    for split, lo, hi in (("train", 0, train_clips), ("eval", train_clips, total)):
-      shard = records.shard_name(split, 0, 1)
-      records.write_shard(os.path.join(dataset_dir, shard), itertools.islice(made, hi - lo))
-      info["splits"][split] = {"num_examples": hi - lo, "shards": [shard], "num_skipped": 0,
-                               "example_labels": labels[lo:hi]}
-      logging.info("  %s: %d clips", split, hi - lo)
-  records.write_info(dataset_dir, info)
+    # One shard per split, consumed in order from the one stream of records.
+    records.write_dataset(dataset_dir, {"train": [itertools.islice(made, train_clips)],
+                                        "eval": [itertools.islice(made, eval_clips)]},
+                          label_ids=label_ids, label_names=label_names)
+  logging.info("  train: %d clips, eval: %d clips", train_clips, eval_clips)
   logging.info("Demo dataset ready in %.0f s", time.time() - start)
   return dataset_dir
 

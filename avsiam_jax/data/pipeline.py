@@ -56,10 +56,10 @@ class _Split:
 
   def __init__(self, dataset_dir: str, split: str):
     self.dataset_dir, self.split = dataset_dir, split
-    self.paths = records.split_paths(dataset_dir, split)
-    self.info = records.read_info(dataset_dir)
+    # TFDS's random-access data source over the split's ArrayRecord shards.
+    self.source = records.open_split(dataset_dir, split)
+    self.info = self.source.info
     self.num_classes = len(self.info.get("label_names", []))
-    self.source = grain.sources.ArrayRecordDataSource(self.paths)
     self.size = len(self.source)
     if self.size == 0:
       raise ValueError(f"{dataset_dir}: split {split!r} is empty")
@@ -75,10 +75,10 @@ def split_example_labels(dataset_dir: str, split: str) -> list[list[int]]:
   stored = info["splits"][split].get("example_labels")
   if stored is not None:
     return [list(map(int, l)) for l in stored]
-  logging.warning("%s: split %r has no example_labels in %s; reading every record "
-                  "for the class-balanced weights", dataset_dir, split, records.INFO_FILE)
-  source = grain.sources.ArrayRecordDataSource(records.split_paths(dataset_dir, split))
-  return [records.decode_example(source[i])["labels"].tolist() for i in range(len(source))]
+  logging.warning("%s: split %r has no example_labels in its metadata; reading every record "
+                  "for the class-balanced weights", dataset_dir, split)
+  source = records.open_split(dataset_dir, split)
+  return [source[i]["labels"].tolist() for i in range(len(source))]
 
 
 def _seed_words(*parts: int) -> list[int]:
@@ -157,7 +157,7 @@ def _stack(examples: Sequence[dict[str, np.ndarray]]) -> Batch:
 # --------------------------------------------------------------- examples ---
 
 def _load(source, index: int) -> dict[str, Any]:
-  return records.decode_example(source[index])
+  return source[index]
 
 
 def _audio(ex: dict[str, Any], frames: int) -> np.ndarray:
@@ -435,7 +435,7 @@ def make_finetune_iterator(dataset_dir: str, split: str, *, batch_size: int,
   _check_common(batch_size, audio_frames, image_size, worker_count)
   data = _Split(dataset_dir, split)
   if data.num_classes == 0:
-    raise ValueError(f"{dataset_dir}: no label_names in {records.INFO_FILE}")
+    raise ValueError(f"{dataset_dir}: the dataset has no label_names (metadata.json)")
   weights = None
   if balanced:
     weights = augment.class_balanced_weights(split_example_labels(dataset_dir, split),

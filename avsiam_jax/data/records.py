@@ -1,32 +1,42 @@
-"""The on-disk dataset: ArrayRecord shards of msgpack-encoded clips plus dataset_info.json.
+"""The on-disk dataset: a TFDS-format ArrayRecord dataset that TFDS opens without TensorFlow.
 
-Layout of a dataset directory:
-  dataset_info.json                        label names/ids and, per split, its shard files
-  <split>-00000-of-00004.array_record      one record per clip
+Layout of a dataset directory (TFDS's own, so `tfds.builder_from_directory(DIR)` reads it):
+  dataset_info.json     TFDS: name, version, file format, per split its shard lengths and bytes
+  features.json         TFDS: the feature structure below; labels.labels.txt: the class ids
+  metadata.json         this project's settings, under "avsiam" (see format_info, write_info)
+  <name>-<split>.array_record-00000-of-00004   one tf.train.Example per clip
 
-A record is a msgpack map (examples.py makes it from a clip's media):
-  id:     str
-  frames: list of JPEG bytes (NUM_FRAMES = 10 frames, FRAME_SIZE = 224 px square, RGB), made
-          square as dataset_info's frames.resize says (one of FRAME_RESIZES)
-  fbank:  float16 array (T, NUM_MEL_BINS = 128), raw log-mel (not normalized) of the first
-          MAX_SECONDS = 10 s of SAMPLE_RATE = 16 kHz mono audio; T <= max_frames (dataset_info)
-  labels: int32 array of class indices (possibly empty)
-Arrays travel as {"dtype", "shape", "data"} so the format needs nothing but msgpack.
+Features of a clip (examples.py makes them from a clip's media):
+  id:     Text
+  frames: Sequence(Image jpeg, length NUM_FRAMES = 10), FRAME_SIZE = 224 px square, RGB, made
+          square as metadata's frames.resize says (one of FRAME_RESIZES)
+  fbank:  Tensor float16 (T, NUM_MEL_BINS = 128), raw bytes: raw log-mel (not normalized) of the
+          first MAX_SECONDS = 10 s of SAMPLE_RATE = 16 kHz mono audio; T <= fbank.max_frames
+  labels: Sequence(ClassLabel), class indices (possibly none); class names = the label ids
+          (AudioSet mids), the display names are metadata's label_names
+
+In code a clip is the dict {"id": str, "frames": [JPEG bytes], "fbank": float16 array,
+"labels": int32 array}: `serialize` writes it, `open_split` reads it back.
+
+Datasets of the earlier format (msgpack records, dataset_info.json with a format_version) are
+refused with the command that converts them (data_prep/convert.py).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-from typing import Any, Iterable
+import re
+from typing import Any, Iterable, Sequence
 
-import msgpack
 import numpy as np
 from array_record.python import array_record_module
+import tensorflow_datasets as tfds
 
 # The fbank's own settings are the record's: one definition, in fbank.py.
 from avsiam_jax.data.fbank import NUM_MEL_BINS, SAMPLE_RATE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: msgpack records (refused, converted by data_prep.convert)
 NUM_FRAMES = 10  # frames per clip
 FRAME_SIZE = 224  # stored frames are FRAME_SIZE x FRAME_SIZE
 MAX_SECONDS = 10.0  # audio and video kept from the start of a clip
@@ -37,45 +47,105 @@ MAX_FBANK_FRAMES = 1024  # default cap on stored fbank frames (10 s give 998)
 # the aspect ratio, and another default would change every stored dataset and the demo's figures.
 FRAME_RESIZES = ("crop", "squash")
 INFO_FILE = "dataset_info.json"
-_ARRAY_KEY = "__ndarray__"
+FEATURES_FILE = "features.json"
+METADATA_FILE = "metadata.json"  # TFDS's MetadataDict file
+METADATA_KEY = "avsiam"  # the project's entry in TFDS's metadata.json
+FILE_FORMAT = "array_record"
+DATASET_VERSION = "1.0.0"  # TFDS version of a dataset whose folder name is not a version
+CONVERT_COMMAND = "python -m data_prep.convert --dataset {dir}"
 
 
-def _pack_default(obj):
-  if isinstance(obj, np.ndarray):
-    return {_ARRAY_KEY: True, "dtype": obj.dtype.str, "shape": list(obj.shape),
-            "data": np.ascontiguousarray(obj).tobytes()}
-  raise TypeError(f"cannot encode {type(obj).__name__} in a record")
+class FormatError(ValueError):
+  """A dataset directory this code must not read as it is."""
 
 
-def _unpack_hook(obj):
-  if obj.get(_ARRAY_KEY):
-    return np.frombuffer(obj["data"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
-  return obj
+# ---------------------------------------------------------------- features
 
 
-def encode_example(example: dict[str, Any]) -> bytes:
-  return msgpack.packb(example, default=_pack_default, use_bin_type=True)
+def features(label_ids: Sequence[str]) -> tfds.features.FeaturesDict:
+  """The TFDS features of a clip, with `label_ids` as the class names."""
+  for i, label in enumerate(label_ids):
+    if not label or "\n" in label:  # TFDS keeps class names one a line
+      raise ValueError(f"label id {i} {label!r}: empty or holds a line break")
+  return tfds.features.FeaturesDict({
+      "id": tfds.features.Text(),
+      "frames": tfds.features.Sequence(
+          tfds.features.Image(shape=(FRAME_SIZE, FRAME_SIZE, 3), encoding_format="jpeg"),
+          length=NUM_FRAMES),
+      "fbank": tfds.features.Tensor(shape=(None, NUM_MEL_BINS), dtype=np.float16,
+                                    encoding=tfds.features.Encoding.BYTES),
+      "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=list(label_ids))),
+  })
 
 
-def decode_example(data: bytes) -> dict[str, Any]:
-  return msgpack.unpackb(data, object_hook=_unpack_hook, raw=False)
+@functools.lru_cache(maxsize=8)
+def _serializer(num_classes: int) -> tfds.features.FeaturesDict:
+  # Class names do not enter the bytes; the count bounds the labels.
+  return features([f"c{i}" for i in range(num_classes)])
 
 
-def shard_name(split: str, index: int, count: int) -> str:
-  return f"{split}-{index:05d}-of-{count:05d}.array_record"
+def serialize(example: dict[str, Any], num_classes: int) -> bytes:
+  """One clip dict -> its tf.train.Example bytes (frames kept as the given JPEG bytes)."""
+  labels = np.asarray(example["labels"], np.int64).reshape(-1)
+  return _serializer(num_classes).serialize_example({
+      "id": example["id"], "frames": [bytes(f) for f in example["frames"]],
+      "fbank": np.asarray(example["fbank"], np.float16), "labels": labels})
 
 
-def write_shard(path: str, examples: Iterable[dict[str, Any]]) -> int:
+def to_clip(ex: dict[str, Any]) -> dict[str, Any]:
+  """A TFDS example read with `open_split`'s decoders -> the clip dict."""
+  clip_id = ex["id"]
+  return {"id": clip_id.decode() if isinstance(clip_id, bytes) else str(clip_id),
+          "frames": [bytes(f) for f in ex["frames"]], "fbank": ex["fbank"],
+          "labels": np.asarray(ex["labels"], np.int32).reshape(-1)}
+
+
+class _KeepBytes(tfds.decode.SkipDecoding):
+  """Leaves JPEG frames encoded: a step decodes one frame, not ten.
+
+  TFDS's SkipDecoding lacks the NumPy path for a Sequence, which hands it all frames at once.
+  """
+
+  def decode_batch_example_np(self, serialized_example):
+    return serialized_example
+
+
+# ---------------------------------------------------------------- shards
+
+
+def dataset_name(dataset_dir: str) -> tuple[str, str]:
+  """(TFDS name, version) of a new dataset in `dataset_dir`.
+
+  DATA_DIR/NAME/X.Y.Z gives (NAME, X.Y.Z), so `tfds.data_source(NAME, data_dir=DATA_DIR)` finds
+  it; any other folder gives its own name and DATASET_VERSION.
+  """
+  path = os.path.normpath(os.path.abspath(dataset_dir))
+  base, version = os.path.basename(path), DATASET_VERSION
+  if tfds.core.Version.is_valid(base):
+    version, base = base, os.path.basename(os.path.dirname(path))
+  name = re.sub(r"[^a-z0-9]+", "_", base.lower()).strip("_") or "avsiam"
+  return (name if name[0].isalpha() else "ds_" + name), version
+
+
+def shard_name(name: str, split: str, index: int, count: int) -> str:
+  """TFDS's default file name of shard `index` of `count`."""
+  return f"{name}-{split}.{FILE_FORMAT}-{index:05d}-of-{count:05d}"
+
+
+def write_shard(path: str, examples: Iterable[dict[str, Any]], num_classes: int) -> int:
   """Writes one shard atomically (temp file, then rename); returns the record count."""
   tmp = path + ".tmp"
   writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   n = 0
   for example in examples:
-    writer.write(encode_example(example))
+    writer.write(serialize(example, num_classes))
     n += 1
   writer.close()
   os.replace(tmp, path)
   return n
+
+
+# ---------------------------------------------------------------- metadata
 
 
 def check_frame_resize(frame_resize: str) -> str:
@@ -87,7 +157,7 @@ def check_frame_resize(frame_resize: str) -> str:
 
 
 def format_info(max_frames: int, frame_resize: str = "crop") -> dict[str, Any]:
-  """The "fbank" and "frames" entries of dataset_info.json: how the records were made."""
+  """The "fbank" and "frames" entries of the metadata: how the records were made."""
   return {
       "fbank": {"sample_rate": SAMPLE_RATE, "num_mel_bins": NUM_MEL_BINS,
                 "max_frames": max_frames, "max_seconds": MAX_SECONDS, "dtype": "float16"},
@@ -96,30 +166,165 @@ def format_info(max_frames: int, frame_resize: str = "crop") -> dict[str, Any]:
   }
 
 
-def read_info(dataset_dir: str) -> dict[str, Any]:
+def _refuse_legacy(dataset_dir: str) -> None:
   path = os.path.join(dataset_dir, INFO_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"{path} not found: {dataset_dir!r} is not a dataset built by `python -m data_prep.build`")
   with open(path) as f:
-    info = json.load(f)
-  if info.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{path}: format_version {info.get('format_version')!r}, "
-                     f"this code reads {FORMAT_VERSION}")
-  return info
+    raw = json.load(f)
+  if "format_version" in raw:  # the earlier format's own dataset_info.json
+    raise FormatError(
+        f"{dataset_dir} holds a dataset in the earlier format (msgpack records, format_version "
+        f"{raw['format_version']}); convert it once with `{CONVERT_COMMAND.format(dir=dataset_dir)}`")
+
+
+def _check_features(dataset_dir: str, got: tfds.features.FeaturesDict, num_classes: int):
+  want = features([f"c{i}" for i in range(num_classes)])
+  for key, feature in want.items():
+    have = got[key] if key in got.keys() else None
+    same = (have is not None and type(have) is type(feature)
+            and have.get_serialized_info() == feature.get_serialized_info()
+            and have.get_tensor_info() == feature.get_tensor_info())
+    if not same:
+      raise FormatError(f"{os.path.join(dataset_dir, FEATURES_FILE)}: feature {key!r} is "
+                        f"{have!r}, this code reads {feature!r}")
+
+
+def builder(dataset_dir: str):
+  """TFDS's read-only builder of a dataset directory, after the format checks."""
+  _refuse_legacy(dataset_dir)
+  return tfds.builder_from_directory(dataset_dir)
+
+
+def read_info(dataset_dir: str) -> dict[str, Any]:
+  """The dataset's settings and splits as one dict.
+
+  {name, version, label_names, label_ids, fbank, frames, splits: {split: {num_examples, shards,
+  shard_lengths, num_skipped, example_labels (or None)}}}.
+  """
+  b = builder(dataset_dir)
+  meta = (b.info.metadata or {}).get(METADATA_KEY)
+  where = os.path.join(dataset_dir, METADATA_FILE)
+  if not isinstance(meta, dict):
+    raise FormatError(f"{where}: no {METADATA_KEY!r} entry; not a dataset written by "
+                      "`python -m data_prep.build` or data_prep/tfds_builder.py")
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise FormatError(f"{where}: format_version {meta.get('format_version')!r}, this code reads "
+                      f"{FORMAT_VERSION}")
+  _check_features(dataset_dir, b.info.features, len(meta["label_ids"]))
+  splits = {}
+  for name, split in b.info.splits.items():
+    extra = meta.get("splits", {}).get(name, {})
+    splits[name] = {"num_examples": split.num_examples, "shards": split.filenames,
+                    "shard_lengths": list(split.shard_lengths),
+                    "num_skipped": extra.get("num_skipped", 0),
+                    "example_labels": extra.get("example_labels")}
+  return {"name": b.info.name, "version": str(b.info.version),
+          "label_names": list(meta["label_names"]), "label_ids": list(meta["label_ids"]),
+          "fbank": meta["fbank"], "frames": meta["frames"], "splits": splits}
 
 
 def write_info(dataset_dir: str, info: dict[str, Any]) -> None:
-  info = dict(info, format_version=FORMAT_VERSION)
-  tmp = os.path.join(dataset_dir, INFO_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(info, f, indent=1)
-  os.replace(tmp, os.path.join(dataset_dir, INFO_FILE))
+  """Writes the TFDS metadata of `info` (read_info's layout; splits need shards' lengths).
+
+  dataset_info.json is written last, so a reader sees the earlier metadata or all the new.
+  """
+  name, version = info["name"], info.get("version", DATASET_VERSION)
+  template = tfds.core.ShardedFileTemplate(
+      data_dir=tfds.core.Path(dataset_dir), template=tfds.core.naming.DEFAULT_FILENAME_TEMPLATE,
+      dataset_name=name, filetype_suffix=FILE_FORMAT)
+  split_infos, meta_splits = [], {}
+  for split, s in sorted(info["splits"].items()):
+    names = [shard_name(name, split, i, len(s["shard_lengths"]))
+             for i in range(len(s["shard_lengths"]))]
+    if list(s["shards"]) != names:
+      raise ValueError(f"{dataset_dir}: split {split!r} shards {s['shards'][:2]}... are not "
+                       f"TFDS's names {names[:2]}...")
+    size = sum(os.path.getsize(os.path.join(dataset_dir, n)) for n in names)
+    split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=list(s["shard_lengths"]),
+                                           num_bytes=size, filename_template=template))
+    meta_splits[split] = {"num_skipped": s.get("num_skipped", 0),
+                          "example_labels": s.get("example_labels")}
+  meta = {"format_version": FORMAT_VERSION, "label_ids": list(info["label_ids"]),
+          "label_names": list(info["label_names"]), "fbank": info["fbank"],
+          "frames": info["frames"], "splits": meta_splits}
+  ds_info = tfds.core.DatasetInfo(
+      builder=tfds.core.DatasetIdentity(name=name, version=tfds.core.Version(version),
+                                        data_dir=dataset_dir, module_name=""),
+      features=features(info["label_ids"]),
+      description=("AVSiam audio-visual clips: 10 JPEG frames, a Kaldi fbank (float16) and "
+                   "labels per clip."),
+      metadata=tfds.core.MetadataDict({METADATA_KEY: meta}))
+  ds_info.set_file_format(FILE_FORMAT)
+  ds_info.set_splits(tfds.core.SplitDict(split_infos))
+  ds_info.write_to_directory(dataset_dir)
+
+
+def write_dataset(dataset_dir: str, splits: dict[str, Sequence[Iterable[dict[str, Any]]]], *,
+                  label_ids: Sequence[str], label_names: Sequence[str] | None = None,
+                  max_frames: int = MAX_FBANK_FRAMES, frame_resize: str = "crop",
+                  store_labels: bool = True) -> dict[str, Any]:
+  """Writes whole splits in one process: {split: [shard's clips, ...]}; returns the info.
+
+  The demo, tests and benchmarks use it; data_prep.build writes the same files from many
+  processes. `store_labels`: keep every clip's labels in the metadata (class-balanced sampling
+  without reading every record).
+  """
+  os.makedirs(dataset_dir, exist_ok=True)
+  name, version = dataset_name(dataset_dir)
+  info = {"name": name, "version": version, "label_ids": list(label_ids),
+          "label_names": list(label_ids if label_names is None else label_names), "splits": {}}
+  info.update(format_info(max_frames, frame_resize))
+  for split, shards in splits.items():
+    labels, lengths = [], []
+    names = [shard_name(name, split, i, len(shards)) for i in range(len(shards))]
+
+    def seen(clips):
+      for clip in clips:
+        labels.append(np.asarray(clip["labels"]).tolist())
+        yield clip
+
+    for shard, clips in zip(names, shards):
+      lengths.append(write_shard(os.path.join(dataset_dir, shard), seen(clips), len(label_ids)))
+    info["splits"][split] = {"shards": names, "shard_lengths": lengths, "num_skipped": 0,
+                             "example_labels": labels if store_labels else None}
+  write_info(dataset_dir, info)
+  return info
+
+
+# ---------------------------------------------------------------- reading
+
+
+class SplitSource:
+  """Random access to a split's clips (clip dicts) through TFDS's data source.
+
+  Picklable: Grain's worker processes get their own copy.
+  """
+
+  def __init__(self, dataset_dir: str, split: str):
+    self.info = read_info(dataset_dir)
+    _split_paths(dataset_dir, self.info, split)
+    self._source = tfds.builder_from_directory(dataset_dir).as_data_source(
+        split, decoders={"frames": _KeepBytes()})
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return to_clip(self._source[int(index)])
+
+
+def open_split(dataset_dir: str, split: str) -> SplitSource:
+  return SplitSource(dataset_dir, split)
 
 
 def split_paths(dataset_dir: str, split: str) -> list[str]:
   """Shard paths of a split, checked to exist."""
-  info = read_info(dataset_dir)
+  return _split_paths(dataset_dir, read_info(dataset_dir), split)
+
+
+def _split_paths(dataset_dir: str, info: dict[str, Any], split: str) -> list[str]:
   if split not in info["splits"]:
     raise ValueError(f"{dataset_dir}: no split {split!r}; it has {sorted(info['splits'])}")
   paths = [os.path.join(dataset_dir, s) for s in info["splits"][split]["shards"]]

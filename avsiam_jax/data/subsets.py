@@ -18,8 +18,6 @@ import json
 import os
 from typing import Any, Sequence
 
-import grain
-
 from avsiam_jax.data import pipeline, records
 
 RETRIEVAL_DIR = "retrieval_subsets"
@@ -31,8 +29,8 @@ def path(dataset_dir: str, name: str) -> str:
 
 def split_ids(dataset_dir: str, split: str) -> list[str]:
   """The clip ids of a split in record order (reads every record once)."""
-  source = grain.sources.ArrayRecordDataSource(records.split_paths(dataset_dir, split))
-  return [str(records.decode_example(source[i])["id"]) for i in range(len(source))]
+  source = records.open_split(dataset_dir, split)
+  return [source[i]["id"] for i in range(len(source))]
 
 
 def per_class(labels: Sequence[Sequence[int]], num_classes: int, k: int) -> list[int]:
