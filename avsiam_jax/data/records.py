@@ -53,6 +53,7 @@ METADATA_KEY = "avsiam"  # the project's entry in TFDS's metadata.json
 FILE_FORMAT = "array_record"
 DATASET_VERSION = "1.0.0"  # TFDS version of a dataset whose folder name is not a version
 CONVERT_COMMAND = "python -m data_prep.convert --dataset {dir}"
+DESCRIPTION = "Audio-visual clips: 10 JPEG frames, a Kaldi fbank (float16) and labels per clip."
 
 
 class FormatError(ValueError):
@@ -62,9 +63,9 @@ class FormatError(ValueError):
 # ---------------------------------------------------------------- features
 
 
-def features(label_ids: Sequence[str]) -> tfds.features.FeaturesDict:
-  """The TFDS features of a clip, with `label_ids` as the class names."""
-  for i, label in enumerate(label_ids):
+def features(label_ids: Sequence[str] | None) -> tfds.features.FeaturesDict:
+  """The TFDS features of a clip, with `label_ids` as the class names (None: named later)."""
+  for i, label in enumerate(label_ids or ()):
     if not label or "\n" in label:  # TFDS keeps class names one a line
       raise ValueError(f"label id {i} {label!r}: empty or holds a line break")
   return tfds.features.FeaturesDict({
@@ -74,7 +75,8 @@ def features(label_ids: Sequence[str]) -> tfds.features.FeaturesDict:
           length=NUM_FRAMES),
       "fbank": tfds.features.Tensor(shape=(None, NUM_MEL_BINS), dtype=np.float16,
                                     encoding=tfds.features.Encoding.BYTES),
-      "labels": tfds.features.Sequence(tfds.features.ClassLabel(names=list(label_ids))),
+      "labels": tfds.features.Sequence(tfds.features.ClassLabel(
+          names=None if label_ids is None else list(label_ids))),
   })
 
 
@@ -84,12 +86,16 @@ def _serializer(num_classes: int) -> tfds.features.FeaturesDict:
   return features([f"c{i}" for i in range(num_classes)])
 
 
+def tfds_example(example: dict[str, Any]) -> dict[str, Any]:
+  """One clip dict -> the values `features` encodes (frames stay the given JPEG bytes)."""
+  return {"id": example["id"], "frames": [bytes(f) for f in example["frames"]],
+          "fbank": np.asarray(example["fbank"], np.float16),
+          "labels": np.asarray(example["labels"], np.int64).reshape(-1)}
+
+
 def serialize(example: dict[str, Any], num_classes: int) -> bytes:
-  """One clip dict -> its tf.train.Example bytes (frames kept as the given JPEG bytes)."""
-  labels = np.asarray(example["labels"], np.int64).reshape(-1)
-  return _serializer(num_classes).serialize_example({
-      "id": example["id"], "frames": [bytes(f) for f in example["frames"]],
-      "fbank": np.asarray(example["fbank"], np.float16), "labels": labels})
+  """One clip dict -> its tf.train.Example bytes."""
+  return _serializer(num_classes).serialize_example(tfds_example(example))
 
 
 def to_clip(ex: dict[str, Any]) -> dict[str, Any]:
@@ -225,6 +231,16 @@ def read_info(dataset_dir: str) -> dict[str, Any]:
           "fbank": meta["fbank"], "frames": meta["frames"], "splits": splits}
 
 
+def metadata(info: dict[str, Any]) -> dict[str, Any]:
+  """The project's entry of metadata.json for `info` (read_info's layout)."""
+  return {"format_version": FORMAT_VERSION, "label_ids": list(info["label_ids"]),
+          "label_names": list(info["label_names"]), "fbank": info["fbank"],
+          "frames": info["frames"],
+          "splits": {split: {"num_skipped": s.get("num_skipped", 0),
+                             "example_labels": s.get("example_labels")}
+                     for split, s in sorted(info["splits"].items())}}
+
+
 def write_info(dataset_dir: str, info: dict[str, Any]) -> None:
   """Writes the TFDS metadata of `info` (read_info's layout; splits need shards' lengths).
 
@@ -234,7 +250,7 @@ def write_info(dataset_dir: str, info: dict[str, Any]) -> None:
   template = tfds.core.ShardedFileTemplate(
       data_dir=tfds.core.Path(dataset_dir), template=tfds.core.naming.DEFAULT_FILENAME_TEMPLATE,
       dataset_name=name, filetype_suffix=FILE_FORMAT)
-  split_infos, meta_splits = [], {}
+  split_infos = []
   for split, s in sorted(info["splits"].items()):
     names = [shard_name(name, split, i, len(s["shard_lengths"]))
              for i in range(len(s["shard_lengths"]))]
@@ -244,18 +260,12 @@ def write_info(dataset_dir: str, info: dict[str, Any]) -> None:
     size = sum(os.path.getsize(os.path.join(dataset_dir, n)) for n in names)
     split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=list(s["shard_lengths"]),
                                            num_bytes=size, filename_template=template))
-    meta_splits[split] = {"num_skipped": s.get("num_skipped", 0),
-                          "example_labels": s.get("example_labels")}
-  meta = {"format_version": FORMAT_VERSION, "label_ids": list(info["label_ids"]),
-          "label_names": list(info["label_names"]), "fbank": info["fbank"],
-          "frames": info["frames"], "splits": meta_splits}
   ds_info = tfds.core.DatasetInfo(
       builder=tfds.core.DatasetIdentity(name=name, version=tfds.core.Version(version),
                                         data_dir=dataset_dir, module_name=""),
       features=features(info["label_ids"]),
-      description=("AVSiam audio-visual clips: 10 JPEG frames, a Kaldi fbank (float16) and "
-                   "labels per clip."),
-      metadata=tfds.core.MetadataDict({METADATA_KEY: meta}))
+      description=DESCRIPTION,
+      metadata=tfds.core.MetadataDict({METADATA_KEY: metadata(info)}))
   ds_info.set_file_format(FILE_FORMAT)
   ds_info.set_splits(tfds.core.SplitDict(split_infos))
   ds_info.write_to_directory(dataset_dir)
