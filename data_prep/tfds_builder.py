@@ -85,8 +85,9 @@ class _CavMaeClips(tfds.core.GeneratorBasedBuilder):
       if self._workers > 1:
         pool = stack.enter_context(futures.ProcessPoolExecutor(
             self._workers, mp_context=multiprocessing.get_context("spawn")))
-      results = build._results(entries, self._max_frames, pool, 4 * self._workers,  # pylint: disable=protected-access
-                               self.builder_config.name)
+      # data_prep.build's ordered, bounded decoding of the clips.
+      results = build._results(  # pylint: disable=protected-access
+          entries, self._max_frames, pool, 4 * self._workers, self.builder_config.name)
       for key, (status, payload) in enumerate(results):
         if status == "error":
           raise RuntimeError(payload)

@@ -358,7 +358,8 @@ def test_two_processes_build_disjoint_shards(demo, tmp_path):
   out = str(tmp_path / "ds")
   r0 = B.build(json_path, out, labels=csv_path, num_shards=4, process_index=0, process_count=2,
                verbose=False)
-  assert not r0["finalized"] and r0["shards"] == [records.shard_name("ds", "train", i, 4) for i in (0, 2)]
+  assert not r0["finalized"]
+  assert r0["shards"] == [records.shard_name("ds", "train", i, 4) for i in (0, 2)]
   assert not os.path.exists(os.path.join(out, records.INFO_FILE))
   present = sorted(f for f in os.listdir(out) if ".array_record-" in f)
   assert present == r0["shards"]
@@ -507,7 +508,8 @@ def test_unexpected_error_stops_the_build_naming_the_clip(demo, tmp_path, monkey
   with pytest.raises(RuntimeError, match="(?s)clip 'demo_00000'.*ZeroDivisionError"):
     B.build(json_path, str(tmp_path / "ds"), labels=csv_path, verbose=False)
   assert not os.path.exists(tmp_path / "ds" / records.INFO_FILE)
-  assert not [f for f in os.listdir(tmp_path / "ds") if ".array_record-" in f and not f.endswith(".tmp")]
+  shards = [f for f in os.listdir(tmp_path / "ds") if ".array_record-" in f]
+  assert not [f for f in shards if not f.endswith(".tmp")]
 
 
 def _jax_loaded():

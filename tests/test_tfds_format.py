@@ -103,7 +103,8 @@ for i in range(len(by_dir)):
   assert np.array_equal(np.stack(again["frames"]), arrays[clip_id + "/frames"])
 np.savez(dump, **arrays)
 json.dump({"names": builder.info.features["labels"].feature.names,
-           "avsiam": builder.info.metadata["avsiam"], "num_shards": builder.info.splits["train"].num_shards,
+           "avsiam": builder.info.metadata["avsiam"],
+           "num_shards": builder.info.splits["train"].num_shards,
            "tensorflow": "tensorflow" in sys.modules}, open(dump + ".json", "w"))
 """
 
@@ -220,3 +221,18 @@ def test_tfds_builder_module_writes_what_data_prep_build_writes(real, tmp_path):
   for i in range(2):
     assert built[i]["frames"] == ours[i]["frames"]
     np.testing.assert_array_equal(built[i]["fbank"], ours[i]["fbank"])
+
+
+def test_a_dataset_of_other_features_or_metadata_is_refused_naming_the_file(tmp_path):
+  path = _write(str(tmp_path / "ds"), _main_examples()[:2], 2, shards=1)
+  features_json = os.path.join(path, records.FEATURES_FILE)
+  text = open(features_json).read()
+  assert text.count('"float16"') == 1  # the fbank's dtype
+  open(features_json, "w").write(text.replace('"float16"', '"float32"'))
+  with pytest.raises(records.FormatError, match=f"{features_json}: feature 'fbank'"):
+    pipeline.make_eval_iterator(path, "train", batch_size=2)
+  open(features_json, "w").write(text)
+  assert len(records.open_split(path, "train")) == 2
+  json.dump({"other": 1}, open(os.path.join(path, records.METADATA_FILE), "w"))
+  with pytest.raises(records.FormatError, match="metadata.json: no 'avsiam' entry"):
+    records.read_info(path)

@@ -180,9 +180,10 @@ def _refuse_legacy(dataset_dir: str) -> None:
   with open(path) as f:
     raw = json.load(f)
   if "format_version" in raw:  # the earlier format's own dataset_info.json
+    command = CONVERT_COMMAND.format(dir=dataset_dir)
     raise FormatError(
         f"{dataset_dir} holds a dataset in the earlier format (msgpack records, format_version "
-        f"{raw['format_version']}); convert it once with `{CONVERT_COMMAND.format(dir=dataset_dir)}`")
+        f"{raw['format_version']}); convert it once with `{command}`")
 
 
 def _check_features(dataset_dir: str, got: tfds.features.FeaturesDict, num_classes: int):
@@ -209,7 +210,10 @@ def read_info(dataset_dir: str) -> dict[str, Any]:
   {name, version, label_names, label_ids, fbank, frames, splits: {split: {num_examples, shards,
   shard_lengths, num_skipped, example_labels (or None)}}}.
   """
-  b = builder(dataset_dir)
+  return _info_of(dataset_dir, builder(dataset_dir))
+
+
+def _info_of(dataset_dir: str, b) -> dict[str, Any]:
   meta = (b.info.metadata or {}).get(METADATA_KEY)
   where = os.path.join(dataset_dir, METADATA_FILE)
   if not isinstance(meta, dict):
@@ -262,7 +266,7 @@ def write_info(dataset_dir: str, info: dict[str, Any]) -> None:
                                            num_bytes=size, filename_template=template))
   ds_info = tfds.core.DatasetInfo(
       builder=tfds.core.DatasetIdentity(name=name, version=tfds.core.Version(version),
-                                        data_dir=dataset_dir, module_name=""),
+                                        data_dir=dataset_dir, module_name=__name__),
       features=features(info["label_ids"]),
       description=DESCRIPTION,
       metadata=tfds.core.MetadataDict({METADATA_KEY: metadata(info)}))
@@ -309,19 +313,31 @@ def write_dataset(dataset_dir: str, splits: dict[str, Sequence[Iterable[dict[str
 class SplitSource:
   """Random access to a split's clips (clip dicts) through TFDS's data source.
 
-  Picklable: Grain's worker processes get their own copy.
+  A pickled copy (Grain's worker processes) holds the folder and split only and opens the split
+  again where it is used: the metadata (every clip's labels) does not travel.
   """
 
   def __init__(self, dataset_dir: str, split: str):
-    self.info = read_info(dataset_dir)
+    b = builder(dataset_dir)
+    self.info = _info_of(dataset_dir, b)
     _split_paths(dataset_dir, self.info, split)
-    self._source = tfds.builder_from_directory(dataset_dir).as_data_source(
-        split, decoders={"frames": _KeepBytes()})
+    self._dir, self._split = dataset_dir, split
+    self._len = self.info["splits"][split]["num_examples"]
+    self._source = self._open(b)
+
+  def _open(self, b):
+    return b.as_data_source(self._split, decoders={"frames": _KeepBytes()})
+
+  def __getstate__(self):
+    return {"_dir": self._dir, "_split": self._split, "_len": self._len, "info": None,
+            "_source": None}
 
   def __len__(self) -> int:
-    return len(self._source)
+    return self._len
 
   def __getitem__(self, index: int) -> dict[str, Any]:
+    if self._source is None:
+      self._source = self._open(tfds.builder_from_directory(self._dir))
     return to_clip(self._source[int(index)])
 
 
