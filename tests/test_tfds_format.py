@@ -134,14 +134,20 @@ def test_tfds_opens_a_built_dataset_without_tensorflow(real, tmp_path):
     assert got[clip_id + "/labels"].tolist() == real["labels"][clip_id]
 
 
-def test_the_pipeline_reads_the_stored_bytes(real):
+def test_the_pipelines_reader_gives_what_tfds_decodes(real):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   source = records.open_split(real["out"], "train")
-  assert len(source) == 2
+  decoded = tfds.builder_from_directory(real["out"]).as_data_source("train")
+  assert len(source) == len(decoded) == 2
   for i, clip_id in enumerate(("a", "b")):
-    clip = examples.decode_clip(real["videos"][clip_id])
-    got = source[i]
-    assert got["id"] == clip_id and got["labels"].tolist() == real["labels"][clip_id]
-    assert got["frames"] == examples.stored_frames(clip.frames)
+    got, ref = source[i], decoded[i]
+    assert got["id"] == ref["id"].decode() == clip_id
+    assert got["labels"].tolist() == list(ref["labels"]) == real["labels"][clip_id]
+    np.testing.assert_array_equal(got["fbank"], ref["fbank"])
+    source_clip = examples.decode_clip(real["videos"][clip_id])
+    assert got["frames"] == examples.stored_frames(source_clip.frames)
+    for t in range(records.NUM_FRAMES):
+      np.testing.assert_array_equal(media.decode_jpeg(got["frames"][t]), ref["frames"][t])
 
 
 # ---------------------------------------------------------------- before and after the change
