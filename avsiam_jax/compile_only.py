@@ -156,6 +156,7 @@ def compile_stage(spec: RunSpec, stage: str, devices: list) -> dict[str, Any]:
     return {"stage": stage, "topology": spec.compile_only.topology, "chips": chips,
             "mesh": dict(zip(config_lib.MESH_AXES, spec.mesh.shape)), "dtype": spec.dtype,
             "remat": spec.model.encoder.remat, "scan": spec.model.encoder.scan,
+            "attention": spec.model.encoder.attention,
             "variant": spec.variant, "batch": task.schedule.batch_size,
             "batch_per_chip": per_chip_batch, "lower_s": t1 - t0,
             "compile_s": time.perf_counter() - t1, "temp_gib": need_gib,
@@ -170,7 +171,8 @@ def compile_stage(spec: RunSpec, stage: str, devices: list) -> dict[str, Any]:
       "stage": stage, "topology": spec.compile_only.topology, "chips": chips,
       "mesh": dict(zip(config_lib.MESH_AXES, spec.mesh.shape)), "dtype": spec.dtype,
       "remat": spec.model.encoder.remat, "scan": spec.model.encoder.scan,
-      "variant": spec.variant, "batch": task.schedule.batch_size,
+      "attention": spec.model.encoder.attention, "variant": spec.variant,
+      "batch": task.schedule.batch_size,
       "batch_per_chip": per_chip_batch, "lower_s": t1 - t0, "compile_s": t2 - t1,
       "argument_gib": mem.argument_size_in_bytes / GiB, "output_gib": mem.output_size_in_bytes / GiB,
       "alias_gib": mem.alias_size_in_bytes / GiB, "temp_gib": mem.temp_size_in_bytes / GiB,
@@ -215,7 +217,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   topology = str(config.compile_only.topology)
   devices = topology_devices(topology)
   hosts = len({d.process_index for d in devices})
-  spec = config_lib.parse(config, len(devices), hosts)
+  spec = config_lib.parse(config, len(devices), hosts, platform=devices[0].platform)
   stages = config_lib.STAGES[spec.mode]
   if not stages:
     raise ConfigError("config.compile_only.topology: compiles training stages; use "

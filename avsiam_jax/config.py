@@ -11,6 +11,7 @@ import math
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from avsiam_jax import losses, masking
@@ -193,17 +194,24 @@ def _fail(field: str, message: str):
   raise ConfigError(f"config.{field}: {message}")
 
 
-def model_spec(model) -> AVSiamSpec:
-  """The AVSiam spec of a config's `model` section (a ConfigDict or a plain dict)."""
+def model_spec(model, platform: str | None = None, num_devices: int = 1) -> AVSiamSpec:
+  """The AVSiam spec of a config's `model` section (a ConfigDict or a plain dict), with its
+  attention implementation resolved for `num_devices` devices of `platform` (default: JAX's
+  default backend)."""
   m = model
   try:
+    attention = layers.resolve_attention(m.get("attention", "auto"),
+                                         platform or jax.default_backend(),
+                                         DTYPES.get(m.get("dtype", "float32"), jnp.float32),
+                                         num_devices)
     enc = encoder_spec(
         m["variant"], image_size=m["image_size"], audio_frames=m["audio_frames"],
         mel_bins=m["mel_bins"], audio_patch_mode=m["audio_patch_mode"],
         audio_posemb_init=m["audio_posemb_init"], modality_norms=m["modality_norms"],
         double_tokens=m["double_tokens"], separate_audio_patch=m["separate_audio_patch"],
         block_norm_eps=m["block_norm_eps"], final_norm_eps=m["final_norm_eps"],
-        remat=layers.remat_policy(m["remat"]), scan=bool(m.get("scan", False)))
+        remat=layers.remat_policy(m["remat"]), scan=bool(m.get("scan", False)),
+        attention=attention)
     _ = enc.video_grid, enc.audio_grid  # sizes that do not split into patches fail here
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
@@ -254,7 +262,10 @@ def with_run_model(spec: RunSpec, run_model, workdir: str) -> RunSpec:
   changed = _take(model, {k: run_model[k] for k in WEIGHT_FIELDS if k in run_model})
   if not changed:
     return spec
-  return dataclasses.replace(spec, model=model_spec(model), variant=model["variant"],
+  new = model_spec(model)  # the attention this run resolved for its devices stays
+  new = dataclasses.replace(new, encoder=dataclasses.replace(
+      new.encoder, attention=spec.model.encoder.attention))
+  return dataclasses.replace(spec, model=new, variant=model["variant"],
                              source=dict(spec.source, model=model),
                              model_from_weights={"source": workdir, "changed": changed})
 
@@ -402,8 +413,10 @@ def _data(c) -> DataSpec:
                   demo_eval_clips=int(d.get("demo_eval_clips", 100)))
 
 
-def parse(config, num_devices: int, process_count: int = 1) -> RunSpec:
-  """The checked specs of `config` for `num_devices` devices fed by `process_count` processes.
+def parse(config, num_devices: int, process_count: int = 1,
+          platform: str | None = None) -> RunSpec:
+  """The checked specs of `config` for `num_devices` devices fed by `process_count` processes
+  on `platform` (default: JAX's default backend).
 
   The schedule and batch checks of a stage run only when config.mode trains that stage.
   """
@@ -413,7 +426,7 @@ def parse(config, num_devices: int, process_count: int = 1) -> RunSpec:
   if c.model.dtype not in DTYPES:
     _fail("model.dtype", f"must be one of {sorted(DTYPES)}, got {c.model.dtype!r}")
   model_config, from_weights = weights_model(c)
-  model = model_spec(model_config)
+  model = model_spec(model_config, platform, num_devices)
   shape = mesh_shape(c.mesh, num_devices)
   mesh = MeshSpec(shape=shape, rules=tuple(dict(c.mesh.rules).items()))
   data_shards = mesh.batch_shards

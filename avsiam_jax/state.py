@@ -47,10 +47,11 @@ def make_eval_fns(task, mesh) -> EvalFns:
   abstract = abstract_model(task)
   graphdef = nnx.graphdef(abstract)
   shapes = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-  shardings = sharding.param_shardings(nnx.state(abstract, nnx.Param), mesh,
-                                       dict(task.spec.mesh.rules))
-  eval_step = jax.jit(functools.partial(task.eval_step, graphdef=graphdef),
-                      in_shardings=(shardings, sharding.batch_sharding(mesh)))
+  rules = dict(task.spec.mesh.rules)
+  shardings = sharding.param_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
+  step = sharding.with_activation_rules(functools.partial(task.eval_step, graphdef=graphdef),
+                                        mesh, rules)
+  eval_step = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)))
   return EvalFns(eval_step, checkpoint.abstract_with_shardings(shapes, shardings), graphdef)
 
 
@@ -78,8 +79,9 @@ def make_train_fns(task, mesh, steps_per_epoch: int) -> TrainFns:
                                      transform_non_params=lambda _: repl)
             for n, g in groups.items()}
   shardings = {"params": params_sh, "opt": opt_sh, "step": repl}
-  step_fn = functools.partial(task.train_step, graphdef=ev.graphdef, groups=groups,
-                              schedule=schedule)
+  step_fn = sharding.with_activation_rules(
+      functools.partial(task.train_step, graphdef=ev.graphdef, groups=groups, schedule=schedule),
+      mesh, dict(task.spec.mesh.rules))
   init = jax.jit(functools.partial(create_state, task, groups), out_shardings=shardings)
   step = jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh), repl),
                  out_shardings=(shardings, repl), donate_argnums=(0,))

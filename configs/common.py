@@ -90,6 +90,9 @@ def get_common_config() -> ml_collections.ConfigDict:
   # outputs) or "full" (keep only block inputs); False/True mean "none"/"full".
   c.model.remat = "none"
   c.model.scan = False                   # each stack of blocks as one jax.lax.scan
+  # Attention: "auto" (CPU: "chunked", cache-sized chunks of heads; NVIDIA GPU in bfloat16:
+  # "cudnn", the fused kernel; otherwise "dense"), or one of those three. Same function.
+  c.model.attention = "auto"
 
   # Weights to start from when the workdir has no checkpoint: a directory written by
   # `python -m avsiam_jax.weights.convert`, or a source file (format vitjax, timm or avsiam).

@@ -32,6 +32,7 @@ def test_both_stages_compile_for_a_v5p_slice(tmp_path):
     assert json.load(f) == json.loads(json.dumps(reports))
   for stage, r in reports.items():
     assert r["chips"] == 4 and r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert r["attention"] == "dense"  # resolved for the TPU, not for this CPU
     assert r["hbm_gib"] == 95 and r["fits"] and 0 < r["used_gib"] < 1
     assert r["temp_gib"] > 0 and r["compile_s"] > 0
     # Data parallel: the gradients are summed across the chips.

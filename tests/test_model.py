@@ -218,7 +218,7 @@ def test_remat_same_loss_and_gradients(unrolled):
   np.testing.assert_allclose(loss1, loss0, rtol=1e-6, atol=1e-6)
   assert jax.tree.structure(grads0) == jax.tree.structure(grads1)
   for g0, g1 in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1)):
-    np.testing.assert_allclose(g1, g0, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(g0).max()))
   assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads1["encoder"]["blocks"])) > 0
   # Remat is really on: one checkpointed call per encoder block call (2 modalities x 2 ratio
   # groups for the contrastive loss, 2 modalities for reconstruction) and per multimodal block,

@@ -57,8 +57,11 @@ def test_separate_optimizers_touch_only_what_their_loss_reaches():
     b = want
     for k in path:
       b = b[k.key]
-    # 2% of one step (lr 1e-3): Adam's g / sqrt(v) amplifies float noise where g is ~0 (the
-    # key bias, whose exact gradient is zero); a wrong step moves a parameter by about lr.
+    if path[-1].key == "qkv_bias":
+      # The key bias: softmax is blind to it, its exact gradient is zero, and Adam's
+      # g / sqrt(v) turns float noise there into steps of up to lr either way.
+      a, b = a[::2], b[::2]
+    # 2% of one step (lr 1e-3): a wrong step moves a parameter by about lr.
     np.testing.assert_allclose(a, b, rtol=0, atol=2e-5, err_msg=jax.tree_util.keystr(path))
   # Both losses moved their own parameters.
   for k in ("encoder", "decoder_embed", "mm_norm"):

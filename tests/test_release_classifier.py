@@ -213,7 +213,7 @@ def test_the_trainer_takes_the_switches_of_a_converted_directory(converted_relea
   m.image_size, m.audio_frames, m.mel_bins = 32, 64, 32
   m.decoder_width, m.decoder_depth, m.decoder_heads = 16, 1, 2
   c.model_init = converted_release  # format "converted"; no release switch set
-  spec = parse(c, 1)
+  spec = parse(c, 1, platform="tpu")  # dense attention, as release_spec() builds it
   assert spec.model == release_spec()
   changed = spec.model_from_weights["changed"]
   assert changed["decoder_norm_eps"] == (1e-6, 1e-5) and changed["double_tokens"] == (False, True)

@@ -1,4 +1,7 @@
 """Mesh equivalence: data, FSDP and tensor parallelism give the one-device numbers."""
+import itertools
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -58,7 +61,7 @@ def run_step(shape, state0=None):
   shardings = jax.tree.map(lambda a: a.sharding, new_state)
   return {"spec": spec, "mesh": mesh, "fns": fns, "state0": state0,
           "shardings": shardings, "state": jax.device_get(new_state),
-          "metrics": jax.device_get(metrics)}
+          "metrics": jax.device_get(metrics), "hlo": step.as_text()}
 
 
 def adam_gradient(result):
@@ -67,6 +70,27 @@ def adam_gradient(result):
   mu = result["state"]["opt"]["total"][1].mu
   return jax.tree.map(lambda m, p: m.astype(np.float64) / (1 - o.b1) - o.weight_decay * p,
                       mu, result["state0"]["params"])
+
+
+def gathered_activations(result) -> list[str]:
+  """The compiled step's all-gathers that are not of a parameter (by element count: whole or
+  gathered over some of its sharded axes, in any shape; the audio patch kernel is the RGB
+  mean of the image one), the contrastive features of all clips (InfoNCE) excepted."""
+  mesh, spec = result["mesh"], result["spec"]
+  sizes = set()
+  for a in jax.tree.leaves(result["fns"].abstract_state["params"]):
+    parts = [[d] + ([d // mesh.shape[ax] for ax in (
+        (axes,) if isinstance(axes, str) else axes)] if axes else [])
+             for d, axes in zip(a.shape, tuple(a.sharding.spec) + (None,) * a.ndim)]
+    sizes.update(int(np.prod(p)) for p in itertools.product(*parts))
+  sizes |= {n // 3 for n in sizes if n % 3 == 0}  # the audio patch kernel
+  sizes.add(BATCH * spec.model.encoder.width)  # the features
+  out = []
+  for dtype, dims in re.findall(r"= (\w+)\[([\d,]*)\]\S* all-gather\(", result["hlo"]):
+    shape = [int(x) for x in dims.split(",") if x]
+    if int(np.prod(shape)) not in sizes:
+      out.append(f"{dtype}{shape}")
+  return out
 
 
 def leaves(tree):
@@ -128,6 +152,11 @@ def test_mesh_matches_one_device(shape, reference):
     assert real.mean() > 0.5 or not np.abs(g).max(), path  # most entries are compared
     np.testing.assert_allclose(p[real], want[real], rtol=1e-5, atol=1e-7, err_msg=path)
     assert np.all(np.abs(p - want) <= 2 * lr * (1 + 1e-5)), path
+
+  # Activations stay where the rules put them (examples over data x fsdp, heads and MLP
+  # hidden units over tensor): the partitioner gathers weights, never activations.
+  assert "all-gather" in got["hlo"] or shape[1] * shape[2] == 1
+  assert not gathered_activations(got), gathered_activations(got)
 
 
 def test_fsdp_and_tensor_axes_really_shard(reference):

@@ -53,7 +53,8 @@ class AVSiam(nnx.Module):
         m: layers.param(rngs, layers.zeros, (dw,), (None,)) for m in MODALITIES})
     self.decoder_blocks = nnx.List([
         layers.Block(dw, spec.decoder_heads, 4 * dw, streams=("x",), eps=spec.decoder_norm_eps,
-                     rngs=rngs, dtype=dtype, remat=enc.remat) for _ in range(spec.decoder_depth)])
+                     rngs=rngs, dtype=dtype, remat=enc.remat, attention=enc.attention)
+        for _ in range(spec.decoder_depth)])
     self.decoder_norm = layers.LayerNorm(dw, eps=spec.decoder_norm_eps, rngs=rngs, dtype=dtype)
     p = enc.patch
     self.decoder_pred = nnx.Dict({

@@ -5,6 +5,9 @@ rules in the config map those names to mesh axes, so no model code mentions devi
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +21,32 @@ ones = nnx.initializers.ones_init()
 
 def param(rngs: nnx.Rngs, init, shape, axes) -> nnx.Param:
   return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
+
+
+# How activations are pinned to the mesh: set by sharding.with_activation_rules while a step is
+# traced; unset (a model called outside a trainer step) the constraints are no-ops.
+_CONSTRAIN = contextvars.ContextVar("constrain", default=None)
+
+
+@contextlib.contextmanager
+def constraining(fn):
+  """Within: constrain(x, axes) calls fn(x, axes)."""
+  token = _CONSTRAIN.set(fn)
+  try:
+    yield
+  finally:
+    _CONSTRAIN.reset(token)
+
+
+def constrain(x, axes: tuple):
+  """x with its logical activation axes ("batch", "tokens", "heads", "mlp", ...) kept where the
+  mesh rules put them, so the partitioner moves weights rather than activations."""
+  fn = _CONSTRAIN.get()
+  return x if fn is None else fn(x, axes)
+
+
+# Block boundaries: examples over the batch axes, the rest whole on each device.
+TOKENS = ("batch", "tokens", "act_embed")
 
 
 class LayerNorm(nnx.Module):
@@ -49,9 +78,13 @@ class Dense(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention; q/k/v kernels kept as (D, 3, heads, head_dim) so heads shard."""
+  """Multi-head self-attention; q/k/v kernels kept as (D, 3, heads, head_dim) so heads shard.
 
-  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32):
+  `impl` is one of ATTENTION_IMPLS (resolved, not "auto"); all compute the same function.
+  """
+
+  def __init__(self, dim: int, heads: int, *, rngs: nnx.Rngs, dtype: Dtype = jnp.float32,
+               impl: str = "dense"):
     if dim % heads:
       raise ValueError(f"width {dim} is not divisible by {heads} heads")
     hd = dim // heads
@@ -63,13 +96,76 @@ class Attention(nnx.Module):
     self.out = nnx.Param(out, logical_axes=("heads", "head_dim", "embed"))
     self.out_bias = param(rngs, zeros, (dim,), ("embed",))
     self.dtype = dtype
+    self.impl = impl
 
   def __call__(self, x_BxLxD):
     dt = self.dtype
-    qkv = jnp.einsum("bld,dthk->tblhk", x_BxLxD.astype(dt), self.qkv[...].astype(dt))
-    qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
-    y = jax.nn.dot_product_attention(qkv[0], qkv[1], qkv[2])
-    return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+    qkv = jnp.einsum("bld,dthk->tbhlk", x_BxLxD.astype(dt), self.qkv[...].astype(dt))
+    qkv = constrain(qkv + self.qkv_bias[...].astype(dt)[:, None, :, None],
+                    (None, "batch", "heads", "tokens", "head_dim"))
+    y = ATTENTION[self.impl](qkv[0], qkv[1], qkv[2])
+    return jnp.einsum("bhlk,hkd->bld", y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
+
+
+def dense_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK):
+  """Softmax attention in (batch, heads, tokens, head_dim) layout, float32 logits and softmax.
+
+  Both products are batched over (b, h) with the scores' rows contiguous, and the softmax is
+  normalized after the product with v (one pass less over the (L, S) scores, none stored
+  normalized); jax.nn.dot_product_attention's XLA path transposes the scores instead.
+  """
+  q = q_BxHxLxK * jnp.asarray(q_BxHxLxK.shape[-1] ** -0.5, q_BxHxLxK.dtype)
+  logits = jnp.einsum("bhlk,bhsk->bhls", q, k_BxHxSxK, preferred_element_type=jnp.float32)
+  # The max only keeps exp in range; the result does not depend on it.
+  e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+  y = jnp.einsum("bhls,bhsk->bhlk", e.astype(v_BxHxSxK.dtype), v_BxHxSxK,
+                 preferred_element_type=jnp.float32)
+  return (y / e.sum(-1, keepdims=True)).astype(v_BxHxSxK.dtype)
+
+
+# Scores per chunk of (batch, head) pairs in chunked attention: 4 MiB of float32 stays in a
+# CPU's caches through the softmax and both products (benchmarks/attention.py).
+CHUNK_SCORES = 2 ** 20
+
+
+def chunked_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK):
+  """dense_attention over chunks of (batch, head) pairs in a loop, each recomputed in the
+  backward pass: the (L, S) scores never leave the cache and are never stored (CPU)."""
+  b, h, l, d = q_BxHxLxK.shape
+  s, n = k_BxHxSxK.shape[2], b * h
+  c = max(c for c in range(1, n + 1) if n % c == 0 and (c == 1 or c * l * s <= CHUNK_SCORES))
+  chunk = lambda t: t.reshape(n // c, c, 1, *t.shape[2:])
+  run = jax.checkpoint(lambda qkv: dense_attention(*qkv))
+  y = jax.lax.map(run, (chunk(q_BxHxLxK), chunk(k_BxHxSxK), chunk(v_BxHxSxK)))
+  return y.reshape(b, h, l, y.shape[-1])
+
+
+def cudnn_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK):
+  """cuDNN's fused kernel (NVIDIA GPUs, 16-bit inputs)."""
+  swap = lambda t: jnp.swapaxes(t, 1, 2)
+  y = jax.nn.dot_product_attention(swap(q_BxHxLxK), swap(k_BxHxSxK), swap(v_BxHxSxK),
+                                   implementation="cudnn")
+  return swap(y)
+
+
+ATTENTION = {"dense": dense_attention, "chunked": chunked_attention, "cudnn": cudnn_attention}
+# config.model.attention: "auto" picks per platform (resolve_attention) or one of ATTENTION.
+ATTENTION_IMPLS = ("auto",) + tuple(ATTENTION)
+
+
+def resolve_attention(name: str, platform: str, dtype, num_devices: int = 1) -> str:
+  """The attention implementation for `platform` ("cpu", "gpu", "tpu"), compute dtype and
+  device count: chunked loops over merged (batch, head) pairs, which the partitioner cannot
+  split over devices, so it is the choice of one CPU device only."""
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {name!r}")
+  if name != "auto":
+    return name
+  if platform == "cpu" and num_devices == 1:
+    return "chunked"
+  if platform in ("gpu", "cuda") and jnp.dtype(dtype).itemsize == 2:
+    return "cudnn"
+  return "dense"
 
 
 class Mlp(nnx.Module):
@@ -79,7 +175,8 @@ class Mlp(nnx.Module):
 
   def __call__(self, x):
     # Exact (erf) GELU, as the pretrained ViTs were trained with.
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    h = constrain(self.fc1(x), ("batch", "tokens", "mlp"))
+    return self.fc2(jax.nn.gelu(h, approximate=False))
 
 
 # Activation rematerialization of a block in the backward pass: "none" keeps its activations,
@@ -119,16 +216,16 @@ class Block(nnx.Module):
   """
 
   def __init__(self, dim: int, heads: int, mlp: int, *, streams: tuple[str, ...], eps: float,
-               rngs: nnx.Rngs, dtype: Dtype = jnp.float32, remat="none"):
+               rngs: nnx.Rngs, dtype: Dtype = jnp.float32, remat="none", attention="dense"):
     self.norm1 = nnx.Dict({s: LayerNorm(dim, eps=eps, rngs=rngs, dtype=dtype) for s in streams})
-    self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype)
+    self.attn = Attention(dim, heads, rngs=rngs, dtype=dtype, impl=attention)
     self.norm2 = nnx.Dict({s: LayerNorm(dim, eps=eps, rngs=rngs, dtype=dtype) for s in streams})
     self.mlp = Mlp(dim, mlp, rngs=rngs, dtype=dtype)
     self.remat = remat_policy(remat)
 
   def forward(self, x, stream: str):
-    x = x + self.attn(self.norm1[stream](x))
-    return x + self.mlp(self.norm2[stream](x))
+    x = constrain(x + self.attn(self.norm1[stream](x)), TOKENS)
+    return constrain(x + self.mlp(self.norm2[stream](x)), TOKENS)
 
   def __call__(self, x, stream: str):
     if self.remat == "none":

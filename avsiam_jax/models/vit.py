@@ -51,6 +51,8 @@ class EncoderSpec:
   remat: str = "none"
   # Run each stack of blocks as one jax.lax.scan (layers.run_blocks): one block body to compile.
   scan: bool = False
+  # Attention implementation of every block (layers.ATTENTION; config "auto" resolves it).
+  attention: str = "dense"
 
   @property
   def video_grid(self) -> tuple[int, int]:
@@ -150,7 +152,8 @@ class Encoder(nnx.Module):
     self.audio_posemb = nnx.Param(jnp.asarray(audio_pos), logical_axes=(None, "embed"))
     self.blocks = nnx.List([
         layers.Block(d, spec.heads, spec.mlp, streams=spec.streams, eps=spec.block_norm_eps,
-                     rngs=rngs, dtype=dtype, remat=spec.remat) for _ in range(spec.depth)])
+                     rngs=rngs, dtype=dtype, remat=spec.remat, attention=spec.attention)
+        for _ in range(spec.depth)])
     self.norm = nnx.Dict({s: layers.LayerNorm(d, eps=spec.final_norm_eps, rngs=rngs, dtype=dtype)
                           for s in spec.streams})
 
@@ -182,7 +185,7 @@ class Encoder(nnx.Module):
     x = x + self.patch_bias_for(modality).astype(dt) + pos[...].astype(dt)
     if self.spec.double_tokens:
       x = x + x
-    return x
+    return layers.constrain(x, layers.TOKENS)
 
   def encode_tokens(self, x_BxNxD, modality: str):
     """Blocks and final norm over (possibly masked) embedded tokens."""
@@ -198,14 +201,16 @@ class Encoder(nnx.Module):
 def multimodal_blocks(encoder: Encoder, depth: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
   """Joint audio-visual blocks, started as copies of the encoder's last blocks (video norms).
 
-  They follow the encoder's `remat` switch: same width, and they see both modalities' tokens.
+  They follow the encoder's `remat` and `attention` switches: same width, and they see both
+  modalities' tokens.
   """
   spec = encoder.spec
   if depth > spec.depth:
     raise ValueError(f"{depth} multimodal blocks exceed encoder depth {spec.depth}")
   blocks = nnx.List([
       layers.Block(spec.width, spec.heads, spec.mlp, streams=("x",), eps=spec.block_norm_eps,
-                   rngs=rngs, dtype=dtype, remat=spec.remat) for _ in range(depth)])
+                   rngs=rngs, dtype=dtype, remat=spec.remat, attention=spec.attention)
+      for _ in range(depth)])
   v = spec.stream("v")
   for mm, src in zip(blocks, encoder.blocks[spec.depth - depth:]):
     nnx.update(mm.attn, nnx.state(src.attn))
