@@ -134,6 +134,8 @@ def chunked_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK):
   b, h, l, d = q_BxHxLxK.shape
   s, n = k_BxHxSxK.shape[2], b * h
   c = max(c for c in range(1, n + 1) if n % c == 0 and (c == 1 or c * l * s <= CHUNK_SCORES))
+  if c == n:  # all scores fit at once: nothing to loop over or recompute
+    return dense_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK)
   chunk = lambda t: t.reshape(n // c, c, 1, *t.shape[2:])
   run = jax.checkpoint(lambda qkv: dense_attention(*qkv))
   y = jax.lax.map(run, (chunk(q_BxHxLxK), chunk(k_BxHxSxK), chunk(v_BxHxSxK)))
