@@ -256,6 +256,23 @@ def test_scanned_blocks_same_loss_and_gradients(remat, unrolled):
   assert (_count_checkpoints(jaxpr1) > 0) == (remat != "none")
 
 
+def test_chunked_attention_same_loss_and_gradients(unrolled, monkeypatch):
+  """The whole pretraining loss with attention looped over chunks of (batch, head) pairs and
+  recomputed in the backward pass, against the dense attention of the reference."""
+  from avsiam_jax.models import layers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(layers, "CHUNK_SCORES", 64)  # these tiny sequences: several chunks
+  config = _pretrain_config(mae_stop_gradient=False)
+  loss0, grads0, jaxpr0, _ = unrolled
+  loss1, grads1, jaxpr1, _ = _loss_and_grads(
+      AVSiam(_small_spec(attention="chunked"), rngs=nnx.Rngs(0)), config, _batch())
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-5, atol=1e-5)
+  for (path, g0), (_, g1) in zip(jax.tree_util.tree_leaves_with_path(grads0),
+                                 jax.tree_util.tree_leaves_with_path(grads1)):
+    np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(g0).max()),
+                               err_msg=jax.tree_util.keystr(path))
+  assert "scan" not in _primitives(jaxpr0) and "scan" in _primitives(jaxpr1)
+
+
 def test_scanned_classifier_same_logits():
   from avsiam_jax.models.classifier import (AVSiamClassifier,  # pylint: disable=g-import-not-at-top
                                             ClassifierSpec)
