@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -109,9 +110,7 @@ def micro_rows(x_RxN, m, accum_steps: int, batch_shards: int):
 
 def join_micro(x_MxRxN, batch_shards: int):
   """Inverse of micro_rows over all m: (M, S * r / M, ...) stacked -> (S * r, ...)."""
-  x = x_MxRxN.reshape(x_MxRxN.shape[0], batch_shards, -1, *x_MxRxN.shape[2:])
-  x = jnp.swapaxes(x, 0, 1)
-  return x.reshape(-1, *x.shape[3:])
+  return einops.rearrange(x_MxRxN, "m (s r) ... -> (s m r) ...", s=batch_shards)
 
 
 def micro_groups(perm_SxGxg, m, accum_steps: int):

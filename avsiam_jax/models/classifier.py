@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -87,15 +88,15 @@ class AVSiamClassifier(nnx.Module):
     Returns float32 logits {'a': (B, C), 'v': (B, F, C), 'av': (B, F, C)} (one audio-visual
     prediction per frame) and the pooled encoder features {'a': (B, D), 'v': (B, F, D)}.
     """
-    b, f = frames_BxFxHxWx3.shape[:2]
+    f = frames_BxFxHxWx3.shape[1]
+    per_frame = lambda t: einops.rearrange(t, "(b f) d -> b f d", f=f)
     a = self.encoder(audio_BxTxF, "a")
-    v = self.encoder(frames_BxFxHxWx3.reshape(b * f, *frames_BxFxHxWx3.shape[2:]), "v")
+    v = self.encoder(einops.rearrange(frames_BxFxHxWx3, "b f h w c -> (b f) h w c"), "v")
     feat_a, feat_v = a.mean(axis=1), v.mean(axis=1)
     fused = self.fuse(jnp.repeat(a, f, axis=0), v)
-    logits = {"a": self.head_a(feat_a),
-              "v": self.head_v(feat_v).reshape(b, f, -1),
-              "av": self.head_av(fused).reshape(b, f, -1)}
-    feats = {"a": feat_a, "v": feat_v.reshape(b, f, -1)}
+    logits = {"a": self.head_a(feat_a), "v": per_frame(self.head_v(feat_v)),
+              "av": per_frame(self.head_av(fused))}
+    feats = {"a": feat_a, "v": per_frame(feat_v)}
     f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
     return f32(logits), f32(feats)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,15 +98,13 @@ def encoder_spec(variant: str, **overrides) -> EncoderSpec:
 
 def patchify_video(x_BxHxWx3, p: int):
   """(B, H, W, C) -> (B, H/p * W/p, p*p*C), patches row-major, pixels (row, col, channel)."""
-  b, h, w, c = x_BxHxWx3.shape
-  x = x_BxHxWx3.reshape(b, h // p, p, w // p, p, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
+  return einops.rearrange(x_BxHxWx3, "b (gh ph) (gw pw) c -> b (gh gw) (ph pw c)", ph=p, pw=p)
 
 
 def audio_image(fbank_BxTxF, spec: EncoderSpec):
   """(B, T, F) fbank -> (B, F', T', 1) image cut ("floor") or zero-padded ("pad") to the grid."""
   gf, gt = spec.audio_grid
-  x = jnp.swapaxes(fbank_BxTxF, 1, 2)[..., None]
+  x = einops.rearrange(fbank_BxTxF, "b t f -> b f t 1")
   hf, wt = gf * spec.patch, gt * spec.patch
   f, t = x.shape[1], x.shape[2]
   x = x[:, :min(f, hf), :min(t, wt)]
