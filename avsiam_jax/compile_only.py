@@ -144,6 +144,11 @@ def compile_stage(spec: RunSpec, stage: str, devices: list) -> dict[str, Any]:
   chips = len(devices)
   per_chip_batch = task.schedule.batch_size / chips
   hbm = HBM_GIB.get(chip_name(spec.compile_only.topology))
+  case = {"stage": stage, "topology": spec.compile_only.topology, "chips": chips,
+          "mesh": dict(zip(config_lib.MESH_AXES, spec.mesh.shape)), "dtype": spec.dtype,
+          "remat": spec.model.encoder.remat, "scan": spec.model.encoder.scan,
+          "attention": spec.model.encoder.attention, "variant": spec.variant,
+          "batch": task.schedule.batch_size, "batch_per_chip": per_chip_batch, "hbm_gib": hbm}
   t0 = time.perf_counter()
   lowered = fns.step.lower(fns.abstract_state, batch, key)
   t1 = time.perf_counter()
@@ -153,14 +158,8 @@ def compile_stage(spec: RunSpec, stage: str, devices: list) -> dict[str, Any]:
     need_gib = refused_temp_gib(str(e))
     if need_gib is None:
       raise
-    return {"stage": stage, "topology": spec.compile_only.topology, "chips": chips,
-            "mesh": dict(zip(config_lib.MESH_AXES, spec.mesh.shape)), "dtype": spec.dtype,
-            "remat": spec.model.encoder.remat, "scan": spec.model.encoder.scan,
-            "attention": spec.model.encoder.attention,
-            "variant": spec.variant, "batch": task.schedule.batch_size,
-            "batch_per_chip": per_chip_batch, "lower_s": t1 - t0,
-            "compile_s": time.perf_counter() - t1, "temp_gib": need_gib,
-            "hbm_gib": hbm, "fits": False, "error": str(e).splitlines()[0][:300]}
+    return {**case, "lower_s": t1 - t0, "compile_s": time.perf_counter() - t1,
+            "temp_gib": need_gib, "fits": False, "error": str(e).splitlines()[0][:300]}
   t2 = time.perf_counter()
   mem, cost = compiled.memory_analysis(), _cost(compiled)
   used = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
@@ -168,15 +167,10 @@ def compile_stage(spec: RunSpec, stage: str, devices: list) -> dict[str, Any]:
   analytic = analytic_flops_per_sample(spec, stage) * per_chip_batch
   seconds = cost.get("optimal_seconds", -1.0)
   report = {
-      "stage": stage, "topology": spec.compile_only.topology, "chips": chips,
-      "mesh": dict(zip(config_lib.MESH_AXES, spec.mesh.shape)), "dtype": spec.dtype,
-      "remat": spec.model.encoder.remat, "scan": spec.model.encoder.scan,
-      "attention": spec.model.encoder.attention, "variant": spec.variant,
-      "batch": task.schedule.batch_size,
-      "batch_per_chip": per_chip_batch, "lower_s": t1 - t0, "compile_s": t2 - t1,
+      **case, "lower_s": t1 - t0, "compile_s": t2 - t1,
       "argument_gib": mem.argument_size_in_bytes / GiB, "output_gib": mem.output_size_in_bytes / GiB,
       "alias_gib": mem.alias_size_in_bytes / GiB, "temp_gib": mem.temp_size_in_bytes / GiB,
-      "used_gib": used, "hbm_gib": hbm, "fits": None if hbm is None else used <= hbm,
+      "used_gib": used, "fits": None if hbm is None else used <= hbm,
       "flops_per_chip": cost.get("flops", float("nan")), "analytic_flops_per_chip": analytic,
       "collectives": collectives(compiled.as_text()),
       "cost_model_seconds": seconds if seconds > 0 else None,

@@ -88,9 +88,8 @@ def expected_ratios(config) -> tuple[float, float]:
   return linear, attention
 
 
-def compiled_step(config, data, key):
+def compiled_step(config, mesh, data, key):
   spec = parse(config, jax.device_count())
-  mesh = sharding.make_mesh(spec.mesh)
   fns = state_lib.make_train_fns(train.make_task(spec, "pretrain"), mesh, steps_per_epoch=100)
   return spec, fns, fns.step.lower(fns.abstract_state, data, key).compile()
 
@@ -101,12 +100,12 @@ def measure(name: str, ratios, batch: int | None, steps: int) -> dict:
   mesh = sharding.make_mesh(parse(config, jax.device_count()).mesh)
   data = random_batch(config, sharding.batch_sharding(mesh))
   key = jax.random.key(0)
-  spec, fns, compiled = compiled_step(config, data, key)
+  spec, fns, compiled = compiled_step(config, mesh, data, key)
   mem = compiled.memory_analysis()
   # FLOPs from dense attention: XLA counts a loop body once, so the default CPU attention
   # (a loop over chunks of heads) would hide most of its work from the count.
   config.model.attention = "dense"
-  dense_spec, dense_fns, dense = compiled_step(config, data, key)
+  dense_spec, dense_fns, dense = compiled_step(config, mesh, data, key)
   row = {"config": name, "ratios": tuple(config.pretrain.mask_ratios), "batch": b,
          "attention": spec.model.encoder.attention,
          "step_flops": flops(dense) / b,

@@ -319,7 +319,7 @@ class SplitSource:
   def __init__(self, dataset_dir: str, split: str):
     b = builder(dataset_dir)
     self.info = _info_of(dataset_dir, b)
-    _split_paths(dataset_dir, self.info, split)
+    _check_split(dataset_dir, self.info, split)
     self._dir, self._split = dataset_dir, split
     self._len = self.info["splits"][split]["num_examples"]
     self._source = self._open(b)
@@ -346,16 +346,11 @@ def open_split(dataset_dir: str, split: str) -> SplitSource:
   return SplitSource(dataset_dir, split)
 
 
-def split_paths(dataset_dir: str, split: str) -> list[str]:
-  """Shard paths of a split, checked to exist."""
-  return _split_paths(dataset_dir, read_info(dataset_dir), split)
-
-
-def _split_paths(dataset_dir: str, info: dict[str, Any], split: str) -> list[str]:
+def _check_split(dataset_dir: str, info: dict[str, Any], split: str) -> None:
+  """Fails unless `split` exists with all its shards."""
   if split not in info["splits"]:
     raise ValueError(f"{dataset_dir}: no split {split!r}; it has {sorted(info['splits'])}")
   paths = [os.path.join(dataset_dir, s) for s in info["splits"][split]["shards"]]
   missing = [p for p in paths if not os.path.exists(p)]
   if missing:
     raise FileNotFoundError(f"{dataset_dir}: split {split!r} lists missing shard {missing[0]}")
-  return paths
