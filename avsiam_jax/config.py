@@ -75,6 +75,7 @@ class PretrainSpec:
   accum_steps: int
   batch_shards: int  # data shards the ratio groups are formed in (the masking layout)
   schedule: Schedule
+  pack_groups: bool = True  # ratio groups packed into rows: one encoder call per modality
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +321,8 @@ def _pretrain(c, data_shards: int, check: bool) -> PretrainSpec:
       mask_ratios=ratios, tau=float(p.tau), mae_mask_ratio=float(p.mae_mask_ratio),
       mae_stop_gradient=bool(p.mae_stop_gradient),
       separate_optimizers=bool(p.separate_optimizers), accum_steps=c.accum_steps,
-      batch_shards=int(shards), schedule=_schedule(c, "", data_shards, check))
+      batch_shards=int(shards), schedule=_schedule(c, "", data_shards, check),
+      pack_groups=bool(p.get("pack_groups", True)))
   if not check:
     return spec
   if not ratios:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from avsiam_jax import losses, masking, optim
+from avsiam_jax import losses, masking, optim, packing
 from avsiam_jax.config import PretrainSpec, RunSpec
 from avsiam_jax.data import pipeline
 from avsiam_jax.models.avsiam import AVSiam
@@ -25,15 +25,16 @@ ENCODERS = ("encoder", "audio_encoder")
 
 
 def group_features(model, x, modality: str, perm_SxGxg, noise, ratios: Sequence[float], *,
-                   tokens=None):
+                   pack: bool, tokens=None):
   """Pooled features per ratio group, [(S * g, D)] in take_group order.
 
   perm and noise as from masking.multi_ratio_masks, or one micro-batch's rows of them. `tokens`:
   model.embed(x) of the full batch, so each group gathers its tokens; None: each group embeds
-  only its own rows of x (a micro-batch).
+  only its own rows of x (a micro-batch). pack: one encoder call over the groups packed into
+  rows (packing.py) instead of one call per group; the same features.
   """
   n = model.num_tokens(modality)
-  pooled = []
+  kept = []
   for k, ratio in enumerate(ratios):
     if tokens is not None:
       group = masking.take_group(tokens, perm_SxGxg, k)
@@ -41,16 +42,22 @@ def group_features(model, x, modality: str, perm_SxGxg, noise, ratios: Sequence[
       group = model.embed(masking.take_group(x, perm_SxGxg, k), modality)
     if noise[k] is not None:
       group, _, _ = masking.keep_by_noise(noise[k], group, masking.kept_count(n, ratio))
-    pooled.append(model.pool(model.encode(group, modality)))
-  return pooled
+    kept.append(group)
+  if not pack:
+    return [model.pool(model.encode(group, modality)) for group in kept]
+  shards, _, g = perm_SxGxg.shape
+  plan = packing.make_plan([t.shape[1] for t in kept], g)
+  rows = model.encode(packing.pack(kept, plan, shards), modality,
+                      packing.segments(plan, shards))
+  return packing.pooled_groups(rows, plan, shards)
 
 
 def multi_ratio_features(model, x, modality: str, key, ratios: Sequence[float],
-                         batch_shards: int):
+                         batch_shards: int, pack: bool):
   """Pooled features (B, D) of the whole batch, each ratio group masked at its own ratio."""
   perm, noise = masking.multi_ratio_masks(key, x.shape[0], model.num_tokens(modality), ratios,
                                           batch_shards)
-  groups = group_features(model, x, modality, perm, noise, ratios,
+  groups = group_features(model, x, modality, perm, noise, ratios, pack=pack,
                           tokens=model.embed(x, modality))
   return masking.untake_groups(groups, perm)
 
@@ -61,8 +68,10 @@ def pretrain_losses(params, graphdef, batch, key, p: PretrainSpec, which: str):
   k_a, k_v, k_rec = jax.random.split(key, 3)
   parts = {}
   if which in ("total", "contrastive"):
-    fa = multi_ratio_features(model, batch["audio"], "a", k_a, p.mask_ratios, p.batch_shards)
-    fv = multi_ratio_features(model, batch["video"], "v", k_v, p.mask_ratios, p.batch_shards)
+    fa = multi_ratio_features(model, batch["audio"], "a", k_a, p.mask_ratios, p.batch_shards,
+                              p.pack_groups)
+    fv = multi_ratio_features(model, batch["video"], "v", k_v, p.mask_ratios, p.batch_shards,
+                              p.pack_groups)
     parts["contrastive"] = losses.contrastive_loss(fa, fv, p.tau)
   if which in ("total", "reconstruction"):
     parts["reconstruction"] = model.reconstruction_loss(
@@ -104,7 +113,7 @@ def accumulated_losses_and_grads(params, graphdef, batch, key, p: PretrainSpec, 
       for mod, (perm, noise) in masks.items():
         noise_m = tuple(None if z is None else micro(z, m) for z in noise)
         out[mod] = group_features(model, inputs[mod], mod, masking.micro_groups(perm, m, accum),
-                                  noise_m, ratios)
+                                  noise_m, ratios, pack=p.pack_groups)
       return out
 
     # Forward only: nothing is kept for a backward pass.

@@ -3,9 +3,10 @@
   python -m benchmarks.pretrain_step [--steps 3] [--base_batch 10] [--quick]
 
 Rows: the tiny demo config (configs/demo.py) and Base (configs/base.py: B/16, 224 px, 1024
-audio frames), each with multi-ratio masking (the config's ratio set) and without masking
-(ratio set (0.0,)). Columns: samples/s of the jitted train step (one warm-up step, then
-`--steps` timed), FLOPs per sample of the whole train step and of the contrastive encoder
+audio frames), each with multi-ratio masking (the config's ratio set; groups packed into rows,
+the default, and one encoder call per group) and without masking (ratio set (0.0,)).
+Columns: compile time, samples/s of the jitted train step (one warm-up step, then `--steps`
+timed), FLOPs per sample of the whole train step and of the contrastive encoder
 forward pass alone (both from XLA's cost analysis of the compiled program), and the train
 step's compiled memory. The table goes to docs/benchmarks.md (section "Pretrain step").
 
@@ -35,8 +36,10 @@ STEP_TARGET_S = 40.0  # Base, batch 10, multi-ratio masking, float32, on 2 CPU c
 MiB = 2 ** 20
 
 
-def make_config(name: str, batch: int | None, ratios: tuple[float, ...] | None):
+def make_config(name: str, batch: int | None, ratios: tuple[float, ...] | None,
+                pack: bool = True):
   config = {"tiny": demo, "Base": base}[name].get_config()
+  config.pretrain.pack_groups = pack
   config.model.dtype = "float32"  # the CPU figures: float32 (bfloat16 is slower on CPU)
   if batch:
     config.batch_size = batch
@@ -64,14 +67,15 @@ def random_batch(config, sharded):
 def encoder_flops(spec, fns, batch, key) -> float:
   """Forward FLOPs of the contrastive pass's encoder calls, audio and video, for the batch."""
   ratios, shards = spec.pretrain.mask_ratios, spec.pretrain.batch_shards
+  pack = spec.pretrain.pack_groups
 
   def encode(params, batch, key):
     model = nnx.merge(fns.graphdef, params)
     if ratios == (0.0,):
       return model.features(batch["audio"], "a"), model.features(batch["video"], "v")
     k_a, k_v = jax.random.split(key)
-    return (pretraining.multi_ratio_features(model, batch["audio"], "a", k_a, ratios, shards),
-            pretraining.multi_ratio_features(model, batch["video"], "v", k_v, ratios, shards))
+    return (pretraining.multi_ratio_features(model, batch["audio"], "a", k_a, ratios, shards, pack),
+            pretraining.multi_ratio_features(model, batch["video"], "v", k_v, ratios, shards, pack))
 
   abstract_params = fns.abstract_state["params"]
   return flops(jax.jit(encode).lower(abstract_params, batch, key).compile())
@@ -94,20 +98,23 @@ def compiled_step(config, mesh, data, key):
   return spec, fns, fns.step.lower(fns.abstract_state, data, key).compile()
 
 
-def measure(name: str, ratios, batch: int | None, steps: int) -> dict:
-  config = make_config(name, batch, ratios)
+def measure(name: str, ratios, batch: int | None, steps: int, pack: bool = True) -> dict:
+  config = make_config(name, batch, ratios, pack)
   b = config.batch_size
   mesh = sharding.make_mesh(parse(config, jax.device_count()).mesh)
   data = random_batch(config, sharding.batch_sharding(mesh))
   key = jax.random.key(0)
+  t0 = time.perf_counter()
   spec, fns, compiled = compiled_step(config, mesh, data, key)
+  compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   # FLOPs from dense attention: XLA counts a loop body once, so the default CPU attention
   # (a loop over chunks of heads) would hide most of its work from the count.
   config.model.attention = "dense"
   dense_spec, dense_fns, dense = compiled_step(config, mesh, data, key)
   row = {"config": name, "ratios": tuple(config.pretrain.mask_ratios), "batch": b,
-         "attention": spec.model.encoder.attention,
+         "groups": "packed" if pack and len(spec.pretrain.mask_ratios) > 1 else "grouped",
+         "attention": spec.model.encoder.attention, "compile_s": compile_s,
          "step_flops": flops(dense) / b,
          "encoder_flops": encoder_flops(dense_spec, dense_fns, data, key) / b,
          "temp_mib": mem.temp_size_in_bytes / MiB if mem else float("nan"),
@@ -139,8 +146,9 @@ def main():
 
   load = os.getloadavg()[0]
   runs = [("tiny", args.tiny_batch or None)] + ([] if args.quick else [("Base", args.base_batch)])
-  rows = [measure(name, ratios, batch, args.steps)
-          for name, batch in runs for ratios in (None, (0.0,))]
+  # Per config: multi-ratio packed (the default), multi-ratio grouped, unmasked.
+  rows = [measure(name, ratios, batch, args.steps, pack)
+          for name, batch in runs for ratios, pack in ((None, True), (None, False), ((0.0,), True))]
 
   dev = jax.devices()[0]
   lines = [f"`{command()}`", "",
@@ -152,18 +160,22 @@ def main():
            "auto). FLOPs: XLA cost analysis of the compiled program with dense attention, per "
            "sample; encoder = forward of the contrastive pass only (audio + video). Memory: "
            "compiled train step (state donated).", "",
-           "| config | mask ratios | batch | s/step | samples/s | step GFLOPs/sample | "
-           "encoder GFLOPs/sample | temp MiB | args MiB | output MiB |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "Groups: the ratio groups of a modality packed into rows for one encoder call "
+           "(config.pretrain.pack_groups, the default) or one call per group. Compile: seconds "
+           "to lower and compile the train step.", "",
+           "| config | mask ratios | groups | batch | compile s | s/step | samples/s | "
+           "step GFLOPs/sample | encoder GFLOPs/sample | temp MiB | args MiB | output MiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['config']} | {', '.join(f'{x:g}' for x in r['ratios'])} | {r['batch']} | "
+    lines.append(f"| {r['config']} | {', '.join(f'{x:g}' for x in r['ratios'])} | "
+                 f"{r['groups']} | {r['batch']} | {r['compile_s']:.0f} | "
                  f"{r['batch'] / r['samples_per_s']:.2f} | "
                  f"{r['samples_per_s']:.2f} | {r['step_flops'] / 1e9:.2f} | "
                  f"{r['encoder_flops'] / 1e9:.2f} | {r['temp_mib']:.0f} | {r['arg_mib']:.0f} | "
                  f"{r['out_mib']:.0f} |")
   lines.append("")
   ratios = {}
-  for masked, unmasked in zip(rows[::2], rows[1::2]):
+  for masked, grouped, unmasked in zip(rows[::3], rows[1::3], rows[2::3]):
     name = masked["config"]
     ratios[name] = masked["encoder_flops"] / unmasked["encoder_flops"]
     linear, attention = expected_ratios(make_config(name, masked["batch"], None))
@@ -171,7 +183,11 @@ def main():
                  f"**{ratios[name]:.3f}** (from the kept token counts: {linear:.3f} for "
                  f"per-token work, {attention:.3f} for attention); full train step = "
                  f"{masked['step_flops'] / unmasked['step_flops']:.3f}; samples/s = "
-                 f"{masked['samples_per_s'] / unmasked['samples_per_s']:.2f}x.  ")
+                 f"{masked['samples_per_s'] / unmasked['samples_per_s']:.2f}x. Packed / grouped: "
+                 f"encoder FLOPs {masked['encoder_flops'] / grouped['encoder_flops']:.3f}, "
+                 f"samples/s {masked['samples_per_s'] / grouped['samples_per_s']:.2f}x, compile "
+                 f"{masked['compile_s'] / grouped['compile_s']:.2f}x, temporaries "
+                 f"{masked['temp_mib'] / grouped['temp_mib']:.2f}x.  ")
   checked = "Base" if "Base" in ratios else None
   step_s = None
   if checked:

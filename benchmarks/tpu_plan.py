@@ -2,7 +2,8 @@
 
   python -m benchmarks.tpu_plan [--cases B/v5p:2x2x1/bfloat16/scan,H/v5p:4x4x4/bfloat16/scan/dots]
 
-Each case (CONFIG/TOPOLOGY/DTYPE[/dots|full][/scan]) runs `main.py` with
+Each case (CONFIG/TOPOLOGY/DTYPE[/dots|full][/scan][/grouped]; grouped: one encoder call per
+mask-ratio group instead of the groups packed into rows) runs `main.py` with
 --config.compile_only.topology=TOPOLOGY in a process of its own (libtpu: requirements-tpu.txt)
 at the paper's per-chip batch, data parallel, and reads its WORKDIR/compile_only.json. A case that does not finish within
 --timeout seconds is reported as such. The table goes to docs/benchmarks.md ("TPU plan").
@@ -39,11 +40,13 @@ def run_case(case: str, timeout: int) -> dict:
   name, topology, dtype, *rest = case.split("/")
   remat = next((r for r in rest if r in ("dots", "full")), "none")
   scan = "scan" in rest
+  pack = "grouped" not in rest
   batch = PER_CHIP_BATCH[name] * chips(topology)
   with tempfile.TemporaryDirectory() as work:
     cmd = [sys.executable, "main.py", f"--config={CONFIGS[name]}", f"--workdir={work}",
            f"--config.compile_only.topology={topology}", f"--config.model.dtype={dtype}",
            f"--config.model.remat={remat}", f"--config.model.scan={scan}",
+           f"--config.pretrain.pack_groups={pack}",
            f"--config.batch_size={batch}",
            "--config.eval.batch_size=" + str(chips(topology)), "--config.compile_cache_dir=none"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}

@@ -107,6 +107,9 @@ def get_common_config() -> ml_collections.ConfigDict:
   c.pretrain.mae_mask_ratio = 0.75
   c.pretrain.mae_stop_gradient = True
   c.pretrain.separate_optimizers = False  # released: one Adam per loss, contrastive first
+  # The ratio groups of a modality packed into rows of about equal length with attention kept
+  # inside each example (packing.py): one encoder call instead of one per group, same features.
+  c.pretrain.pack_groups = True
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4

@@ -68,14 +68,17 @@ def test_bad_batch_is_a_clear_error():
     masking.kept_count(10, 1.0)
 
 
-def test_multi_ratio_features_restore_order():
-  """Each example's pooled feature equals encoding it alone with the tokens its group kept."""
+@pytest.mark.parametrize("pack", [False, True])
+def test_multi_ratio_features_restore_order(pack):
+  """Each example's pooled feature equals encoding it alone with the tokens its group kept,
+  whether the groups run one call each or packed into rows (one example per group and shard:
+  every row is a lone example or two, padded)."""
   spec = AVSiamSpec(vit.encoder_spec("test", image_size=32, audio_frames=32, mel_bins=32),
                     decoder_width=16, decoder_depth=1, decoder_heads=2)
   model = AVSiam(spec, rngs=nnx.Rngs(0))
   video = jax.random.normal(jax.random.key(2), (10, 32, 32, 3))
   key = jax.random.key(3)
-  out = np.asarray(pretraining.multi_ratio_features(model, video, "v", key, RATIOS, 2))
+  out = np.asarray(pretraining.multi_ratio_features(model, video, "v", key, RATIOS, 2, pack))
 
   # Recompute by hand, example by example, from the same random draws.
   enc = model.encoder

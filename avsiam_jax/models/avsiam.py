@@ -77,9 +77,10 @@ class AVSiam(nnx.Module):
     enc = self.encoder_for(modality)
     return enc.embed(enc.patches(x, modality), modality)
 
-  def encode(self, tokens_BxNxD, modality: str):
-    """The encoder's blocks and final norm over (possibly masked) tokens."""
-    return self.encoder_for(modality).encode_tokens(tokens_BxNxD, modality)
+  def encode(self, tokens_BxNxD, modality: str, segments=None):
+    """The encoder's blocks and final norm over (possibly masked) tokens; segments: the
+    packing.Segments of packed rows, attention within each."""
+    return self.encoder_for(modality).encode_tokens(tokens_BxNxD, modality, segments)
 
   @staticmethod
   def pool(tokens_BxNxD):

@@ -98,12 +98,13 @@ class Attention(nnx.Module):
     self.dtype = dtype
     self.impl = impl
 
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD, segments=None):
+    """segments: None, or packed rows' packing.Segments: each segment attends only to itself."""
     dt = self.dtype
     qkv = jnp.einsum("bld,dthk->tbhlk", x_BxLxD.astype(dt), self.qkv[...].astype(dt))
     qkv = constrain(qkv + self.qkv_bias[...].astype(dt)[:, None, :, None],
                     (None, "batch", "heads", "tokens", "head_dim"))
-    y = ATTENTION[self.impl](qkv[0], qkv[1], qkv[2])
+    y = segmented_attention(ATTENTION[self.impl], qkv[0], qkv[1], qkv[2], segments)
     return jnp.einsum("bhlk,hkd->bld", y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
 
 
@@ -148,6 +149,28 @@ def cudnn_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK):
   y = jax.nn.dot_product_attention(swap(q_BxHxLxK), swap(k_BxHxSxK), swap(v_BxHxSxK),
                                    implementation="cudnn")
   return swap(y)
+
+
+def segmented_attention(attention, q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, segments=None):
+  """`attention` within every segment of packed rows (packing.Segments), each segment's slice
+  on its own: no scores between examples or on padding, whose outputs are zero."""
+  if segments is None:
+    return attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK)
+  s, r = segments.shards, segments.rows
+  q, k, v = (t.reshape(s, r, *t.shape[1:]) for t in (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK))
+  h, d = q.shape[2], q.shape[-1]
+  sets = []
+  for r0, rows, spans in segments.sets:
+    parts, start = [], 0
+    for n in spans:
+      take = lambda t: t[:, r0:r0 + rows, :, start:start + n].reshape(s * rows, h, n, d)
+      y = attention(take(q), take(k), take(v))
+      parts.append(y.reshape(s, rows, h, n, d))
+      start += n
+    if start < segments.length:
+      parts.append(jnp.zeros((s, rows, h, segments.length - start, d), q.dtype))
+    sets.append(jnp.concatenate(parts, axis=3))
+  return jnp.concatenate(sets, axis=1).reshape(q_BxHxLxK.shape)
 
 
 ATTENTION = {"dense": dense_attention, "chunked": chunked_attention, "cudnn": cudnn_attention}
@@ -225,36 +248,37 @@ class Block(nnx.Module):
     self.mlp = Mlp(dim, mlp, rngs=rngs, dtype=dtype)
     self.remat = remat_policy(remat)
 
-  def forward(self, x, stream: str):
-    x = constrain(x + self.attn(self.norm1[stream](x)), TOKENS)
+  def forward(self, x, stream: str, segments=None):
+    x = constrain(x + self.attn(self.norm1[stream](x), segments), TOKENS)
     return constrain(x + self.mlp(self.norm2[stream](x)), TOKENS)
 
-  def __call__(self, x, stream: str):
+  def __call__(self, x, stream: str, segments=None):
     if self.remat == "none":
-      return self.forward(x, stream)
+      return self.forward(x, stream, segments)
     # A pure function of (weights, input) so jax.checkpoint sees every weight as an input and
     # saves nothing but them and x; the block only reads its weights, so nothing is written back.
     graphdef, state = nnx.split(self)
 
     def run(state, x):
-      return nnx.merge(graphdef, state).forward(x, stream)
+      return nnx.merge(graphdef, state).forward(x, stream, segments)
     return checkpointed(run, self.remat)(state, x)
 
 
-def run_blocks(blocks, x, stream: str, *, scan: bool = False):
+def run_blocks(blocks, x, stream: str, *, scan: bool = False, segments=None):
   """x through `blocks` in order: unrolled, or as one jax.lax.scan over their stacked weights.
 
   The scan compiles one block body instead of len(blocks): the parameters keep their per-block
   layout (checkpoints and converters are unchanged) and are stacked inside the step, which
   costs a copy of the blocks' weights per call. Numerically the same computation.
+  segments: None or packed rows' packing.Segments; attention stays within each segment.
   """
   if not scan or len(blocks) < 2:
     for block in blocks:
-      x = block(x, stream)
+      x = block(x, stream, segments)
     return x
   graphdef, _ = nnx.split(blocks[0])
   stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *(nnx.split(b)[1] for b in blocks))
 
   def body(x, state):
-    return nnx.merge(graphdef, state).forward(x, stream), None
+    return nnx.merge(graphdef, state).forward(x, stream, segments), None
   return jax.lax.scan(checkpointed(body, blocks[0].remat), x, stacked)[0]

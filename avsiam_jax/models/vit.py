@@ -186,10 +186,10 @@ class Encoder(nnx.Module):
       x = x + x
     return layers.constrain(x, layers.TOKENS)
 
-  def encode_tokens(self, x_BxNxD, modality: str):
-    """Blocks and final norm over (possibly masked) embedded tokens."""
+  def encode_tokens(self, x_BxNxD, modality: str, segments=None):
+    """Blocks and final norm over (possibly masked, possibly packed) embedded tokens."""
     s = self.spec.stream(modality)
-    x_BxNxD = layers.run_blocks(self.blocks, x_BxNxD, s, scan=self.spec.scan)
+    x_BxNxD = layers.run_blocks(self.blocks, x_BxNxD, s, scan=self.spec.scan, segments=segments)
     return self.norm[s](x_BxNxD)
 
   def __call__(self, x, modality: str):
