@@ -15,7 +15,12 @@ from typing import Sequence
 
 import einops
 import jax.numpy as jnp
-import numpy as np
+
+
+def _twin(row_set: tuple[int, ...]) -> bool:
+  """A set pairing two examples of one group."""
+  return len(row_set) == 2 and row_set[0] == row_set[1]
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -32,7 +37,7 @@ class Plan:
 
   def rows(self, row_set: tuple[int, ...]) -> int:
     """Rows of a set per shard."""
-    if len(row_set) == 2 and row_set[0] == row_set[1]:
+    if _twin(row_set):
       return -(-self.per_group // 2)
     return self.per_group
 
@@ -78,7 +83,7 @@ def pack(groups: Sequence, plan: Plan, shards: int):
   for s in plan.sets:
     if len(s) == 1:
       x = per_shard[s[0]]
-    elif s[0] != s[1]:
+    elif not _twin(s):
       x = jnp.concatenate([per_shard[s[0]], per_shard[s[1]]], axis=2)
     else:
       x = per_shard[s[0]]
@@ -104,15 +109,14 @@ class Segments:
   sets: tuple[tuple[int, int, tuple[int, ...]], ...]
 
 
-def segments(plan: Plan, shards: int) -> Segments:
+def segments(plan: Plan, shards: int) -> Segments | None:
+  """The plan's Segments; None where every row is one whole example: nothing to restrict."""
   sets, r0 = [], 0
   for s in plan.sets:
-    if len(s) == 2 and s[0] == s[1]:
-      spans = (plan.lengths[s[0]],) * 2
-    else:
-      spans = tuple(plan.lengths[k] for k in s)
-    sets.append((r0, plan.rows(s), spans))
+    sets.append((r0, plan.rows(s), tuple(plan.lengths[k] for k in s)))
     r0 += plan.rows(s)
+  if all(spans == (plan.length,) for _, _, spans in sets):
+    return None
   return Segments(shards, plan.rows_per_shard, plan.length, tuple(sets))
 
 
@@ -128,7 +132,7 @@ def pooled_groups(rows_SRxLxD, plan: Plan, shards: int) -> list:
     for k in s:
       means.append(rows[:, :, start:start + plan.lengths[k]].astype(jnp.float32).mean(axis=2))
       start += plan.lengths[k]
-    if len(s) == 2 and s[0] == s[1]:
+    if _twin(s):
       both = einops.rearrange(jnp.stack(means, axis=2), "s r two d -> s (r two) d")
       out[s[0]] = both[:, :g]
     else:

@@ -85,6 +85,26 @@ def row(r: dict) -> str:
           f"{r['hbm_gib']} ({fits}) | {tflop} | {ratio} | {coll} | {speed} |")
 
 
+def packing_lines(results: list[dict]) -> list[str]:
+  """Packed ratio groups against one encoder call per group, for every case run both ways."""
+  done = {r["case"]: r for r in results if "error" not in r}
+  lines = []
+  for case, grouped in done.items():
+    packed = done.get(case.replace("/grouped", ""))
+    if not case.endswith("/grouped") or packed is None:
+      continue
+    work = ""
+    if not packed.get("scan"):  # a scanned body is counted once: no step totals to compare
+      work = f", XLA FLOPs {packed['flops_per_chip'] / grouped['flops_per_chip']:.3f}x"
+      if packed["samples_per_s_per_chip"] and grouped["samples_per_s_per_chip"]:
+        work += (f", cost-model samples/s "
+                 f"{packed['samples_per_s_per_chip'] / grouped['samples_per_s_per_chip']:.3f}x")
+    lines.append(f"{packed['case']}, packed / grouped: compile "
+                 f"{packed['compile_s'] / grouped['compile_s']:.2f}x, temporaries "
+                 f"{packed['temp_gib'] / grouped['temp_gib']:.3f}x{work}.  ")
+  return lines
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--cases", default=DEFAULT_CASES)
@@ -111,7 +131,7 @@ def main():
            "| case | batch/chip | lower + compile s | GiB args + temp | used / HBM (fits) | "
            "TFLOP/chip/step | XLA / analytic | collectives | samples/s/chip |",
            "|---|---|---|---|---|---|---|---|---|"]
-  lines += [row(r) for r in results]
+  lines += [row(r) for r in results] + [""] + packing_lines(results)
   write_section("TPU plan", "\n".join(lines) + "\n")
 
 

@@ -20,8 +20,10 @@ def test_paper_ratios_pack_into_rows_of_equal_length(tokens):
   assert plan.length < tokens + min(lengths) + 2
 
 
-def _ids(segs):
+def _ids(segs, plan, shards):
   """(S * R, L) segment number of every token of packed rows, -1 on padding, from Segments."""
+  if segs is None:  # one whole example per row
+    return np.zeros((shards * plan.rows_per_shard, plan.length), int)
   ids = np.full((segs.shards, segs.rows, segs.length), -1)
   for r0, rows, spans in segs.sets:
     for i, (a, b) in enumerate(zip(np.cumsum((0,) + spans[:-1]), np.cumsum(spans))):
@@ -66,7 +68,7 @@ def test_segments_hold_whole_examples_of_their_own_shard(lengths, per_group, sha
   groups = _tagged_groups(lengths, per_group, shards)
   plan = packing.make_plan(lengths, per_group)
   rows = np.asarray(packing.pack([jnp.asarray(x) for x in groups], plan, shards))
-  ids = _ids(packing.segments(plan, shards))
+  ids = _ids(packing.segments(plan, shards), plan, shards)
   assert ids.shape == rows.shape[:2]
   assert np.all(rows[ids == -1] == 0)
   # Every example of every group is one segment of one row of its shard, tokens in order.
@@ -83,6 +85,9 @@ def test_segments_hold_whole_examples_of_their_own_shard(lengths, per_group, sha
       assert i // per_group == r // plan.rows_per_shard  # stays in its shard
       found.add((k, i))
   assert found == {(k, i) for k, x in enumerate(groups) for i in range(len(x))}
+  # Attention is restricted unless every row is one whole example.
+  whole = all(len(s) == 1 for s in plan.sets) and plan.padding == 0
+  assert (packing.segments(plan, shards) is None) == whole
 
 
 def _numpy_segment_attention(q, k, v, ids):
@@ -109,5 +114,5 @@ def test_attention_stays_inside_segments(impl, monkeypatch):
   q, k, v = (jnp.asarray(rng.normal(size=(b, 3, l, 8)) * 2, jnp.float32) for _ in range(3))
   fn = lambda q, k, v: layers.segmented_attention(layers.ATTENTION[impl], q, k, v, segs)
   y = jax.jit(fn)(q, k, v)
-  np.testing.assert_allclose(y, _numpy_segment_attention(q, k, v, _ids(segs)), rtol=1e-5,
+  np.testing.assert_allclose(y, _numpy_segment_attention(q, k, v, _ids(segs, plan, 2)), rtol=1e-5,
                              atol=1e-5)
