@@ -14,6 +14,7 @@ import dataclasses
 from typing import Sequence
 
 import einops
+import jax
 import jax.numpy as jnp
 
 
@@ -71,28 +72,18 @@ def make_plan(lengths: Sequence[int], per_group: int) -> Plan:
   return min(plans, key=lambda p: p.padding)
 
 
-def _pad_tokens(x_SxRxNxD, length: int):
-  return jnp.pad(x_SxRxNxD, ((0, 0), (0, 0), (0, length - x_SxRxNxD.shape[2]), (0, 0)))
-
-
 def pack(groups: Sequence, plan: Plan, shards: int):
   """Per-group tokens [(S * g, n_k, D)] (take_group order) -> rows (S * R, L, D)."""
-  g = plan.per_group
-  per_shard = [x.reshape(shards, g, *x.shape[1:]) for x in groups]
-  sets = []
+  pieces = []
   for s in plan.sets:
-    if len(s) == 1:
-      x = per_shard[s[0]]
-    elif not _twin(s):
-      x = jnp.concatenate([per_shard[s[0]], per_shard[s[1]]], axis=2)
-    else:
-      x = per_shard[s[0]]
-      if g % 2:  # a zero example fills the last row; its segment is dropped at pooling
-        x = jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
-      x = einops.rearrange(x, "s (r two) n d -> s r (two n) d", two=2)
-    sets.append(_pad_tokens(x, plan.length))
-  rows = jnp.concatenate(sets, axis=1)
-  return rows.reshape(-1, *rows.shape[2:])
+    if not _twin(s):
+      pieces += [groups[k] for k in s]
+      continue
+    x = groups[s[0]].reshape(shards, plan.per_group, *groups[s[0]].shape[1:])
+    if plan.per_group % 2:  # a zero example fills the last row; its segment is never pooled
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    pieces += [t.reshape(-1, *x.shape[2:]) for t in (x[:, 0::2], x[:, 1::2])]
+  return join(pieces, _layout(plan, shards), axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,34 +100,65 @@ class Segments:
   sets: tuple[tuple[int, int, tuple[int, ...]], ...]
 
 
-def segments(plan: Plan, shards: int) -> Segments | None:
-  """The plan's Segments; None where every row is one whole example: nothing to restrict."""
+def _layout(plan: Plan, shards: int) -> Segments:
   sets, r0 = [], 0
   for s in plan.sets:
     sets.append((r0, plan.rows(s), tuple(plan.lengths[k] for k in s)))
     r0 += plan.rows(s)
-  if all(spans == (plan.length,) for _, _, spans in sets):
-    return None
   return Segments(shards, plan.rows_per_shard, plan.length, tuple(sets))
+
+
+def segments(plan: Plan, shards: int) -> Segments | None:
+  """The plan's Segments; None where every row is one whole example: nothing to restrict."""
+  layout = _layout(plan, shards)
+  if all(spans == (plan.length,) for _, _, spans in layout.sets):
+    return None
+  return layout
+
+
+def cut(x, segments: Segments, axis: int):
+  """Every segment of packed rows, set by set: (S * R, ..., L at `axis`, ...) ->
+  [(S * rows, ..., n, ...)]."""
+  s = segments.shards
+  x = x.reshape(s, segments.rows, *x.shape[1:])
+  pieces = []
+  for r0, rows, spans in segments.sets:
+    start = 0
+    for n in spans:
+      piece = jax.lax.slice_in_dim(x[:, r0:r0 + rows], start, start + n, axis=axis + 1)
+      pieces.append(piece.reshape(s * rows, *piece.shape[2:]))
+      start += n
+  return pieces
+
+
+def join(pieces, segments: Segments, axis: int):
+  """Inverse of cut: the pieces back into rows (S * R, ..., L, ...), zero on padding."""
+  s, sets, i = segments.shards, [], 0
+  for _, rows, spans in segments.sets:
+    parts = [p.reshape(s, rows, *p.shape[1:]) for p in pieces[i:i + len(spans)]]
+    i += len(spans)
+    pad = list(parts[0].shape)
+    pad[axis + 1] = segments.length - sum(spans)
+    if pad[axis + 1]:
+      parts.append(jnp.zeros(pad, parts[0].dtype))
+    sets.append(jnp.concatenate(parts, axis=axis + 1))
+  rows = jnp.concatenate(sets, axis=1)
+  return rows.reshape(-1, *rows.shape[2:])
 
 
 def pooled_groups(rows_SRxLxD, plan: Plan, shards: int) -> list:
   """Mean of every segment of encoded rows, float32, back in groups: [(S * g, D)], as
   model.pool of each group's own tokens."""
-  g = plan.per_group
-  y = rows_SRxLxD.reshape(shards, plan.rows_per_shard, *rows_SRxLxD.shape[1:])
-  out, r0 = [None] * len(plan.lengths), 0
+  d = rows_SRxLxD.shape[-1]
+  means = iter([p.astype(jnp.float32).mean(axis=1)
+                for p in cut(rows_SRxLxD, _layout(plan, shards), axis=1)])
+  out = [None] * len(plan.lengths)
   for s in plan.sets:
-    r = plan.rows(s)
-    rows, start, means = y[:, r0:r0 + r], 0, []
-    for k in s:
-      means.append(rows[:, :, start:start + plan.lengths[k]].astype(jnp.float32).mean(axis=2))
-      start += plan.lengths[k]
-    if _twin(s):
-      both = einops.rearrange(jnp.stack(means, axis=2), "s r two d -> s (r two) d")
-      out[s[0]] = both[:, :g]
-    else:
-      for k, m in zip(s, means):
-        out[k] = m
-    r0 += r
-  return [x.reshape(shards * g, -1) for x in out]
+    if not _twin(s):
+      for k in s:
+        out[k] = next(means)
+      continue
+    pair = jnp.stack([next(means).reshape(shards, -1, d) for _ in s], axis=2)
+    both = einops.rearrange(pair, "s r two d -> s (r two) d")[:, :plan.per_group]
+    out[s[0]] = both.reshape(-1, d)
+  return out

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from avsiam_jax import packing
+
 Dtype = jnp.dtype
 
 xavier = nnx.initializers.xavier_uniform()
@@ -156,21 +158,8 @@ def segmented_attention(attention, q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, segments=Non
   on its own: no scores between examples or on padding, whose outputs are zero."""
   if segments is None:
     return attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK)
-  s, r = segments.shards, segments.rows
-  q, k, v = (t.reshape(s, r, *t.shape[1:]) for t in (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK))
-  h, d = q.shape[2], q.shape[-1]
-  sets = []
-  for r0, rows, spans in segments.sets:
-    parts, start = [], 0
-    for n in spans:
-      take = lambda t: t[:, r0:r0 + rows, :, start:start + n].reshape(s * rows, h, n, d)
-      y = attention(take(q), take(k), take(v))
-      parts.append(y.reshape(s, rows, h, n, d))
-      start += n
-    if start < segments.length:
-      parts.append(jnp.zeros((s, rows, h, segments.length - start, d), q.dtype))
-    sets.append(jnp.concatenate(parts, axis=3))
-  return jnp.concatenate(sets, axis=1).reshape(q_BxHxLxK.shape)
+  cut = [packing.cut(t, segments, axis=2) for t in (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK)]
+  return packing.join([attention(*qkv) for qkv in zip(*cut)], segments, axis=2)
 
 
 ATTENTION = {"dense": dense_attention, "chunked": chunked_attention, "cudnn": cudnn_attention}
