@@ -4,8 +4,8 @@ The encoder is shared by every group, so G groups of kept tokens (audio at ratio
 512/409/307/204/102) need not be G calls: pairing the longest group with the shortest gives rows
 of nearly equal length (614/613/614) that run as one batch through the blocks' matmuls, with
 attention restricted to each row's segments (NaViT-style packing). The layout follows from the
-group sizes alone, so attention slices every segment out of the rows (layers.Attention) and
-computes no scores between examples or on padding. Rows are formed inside each data shard, as
+group sizes alone, so attention is restricted to each segment by static slices or a static
+mask (layers.segmented_attention): no example sees another or the padding. Rows are formed inside each data shard, as
 the groups are (masking.py).
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ def pack(groups: Sequence, plan: Plan, shards: int):
 
 @dataclasses.dataclass(frozen=True)
 class Segments:
-  """Where pack put the examples, static: attention runs on each segment's slice of the rows.
+  """Where pack put the examples, static: attention is restricted to each segment.
 
   shards: data shards (rows are shard-major); rows: rows per shard; length: tokens per row;
   sets: per row set (first row, rows, lengths of its segments from token 0 on; the rest is
@@ -114,6 +114,17 @@ def segments(plan: Plan, shards: int) -> Segments | None:
   if all(spans == (plan.length,) for _, _, spans in layout.sets):
     return None
   return layout
+
+
+def segment_ids(segments: Segments):
+  """(S * R, L) int32: each token's segment number within its row, -1 on padding."""
+  sets = []
+  for _, rows, spans in segments.sets:
+    ids = [jnp.full((n,), i, jnp.int32) for i, n in enumerate(spans)]
+    ids.append(jnp.full((segments.length - sum(spans),), -1, jnp.int32))
+    sets.append(jnp.broadcast_to(jnp.concatenate(ids), (rows, segments.length)))
+  per_shard = jnp.concatenate(sets)
+  return jnp.tile(per_shard, (segments.shards, 1))
 
 
 def cut(x, segments: Segments, axis: int):

@@ -110,8 +110,9 @@ class Attention(nnx.Module):
     return jnp.einsum("bhlk,hkd->bld", y, self.out[...].astype(dt)) + self.out_bias[...].astype(dt)
 
 
-def dense_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK):
-  """Softmax attention in (batch, heads, tokens, head_dim) layout, float32 logits and softmax.
+def dense_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, allowed_BxLxS=None):
+  """Softmax attention in (batch, heads, tokens, head_dim) layout, float32 logits and softmax;
+  allowed_BxLxS: where a query may attend (None: everywhere; every query at least itself).
 
   Both products are batched over (b, h) with the scores' rows contiguous, and the softmax is
   normalized after the product with v (one pass less over the (L, S) scores, none stored
@@ -119,6 +120,8 @@ def dense_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK):
   """
   q = q_BxHxLxK * jnp.asarray(q_BxHxLxK.shape[-1] ** -0.5, q_BxHxLxK.dtype)
   logits = jnp.einsum("bhlk,bhsk->bhls", q, k_BxHxSxK, preferred_element_type=jnp.float32)
+  if allowed_BxLxS is not None:
+    logits = jnp.where(allowed_BxLxS[:, None], logits, -jnp.inf)
   # The max only keeps exp in range; the result does not depend on it.
   e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
   y = jnp.einsum("bhls,bhsk->bhlk", e.astype(v_BxHxSxK.dtype), v_BxHxSxK,
@@ -154,10 +157,20 @@ def cudnn_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK):
 
 
 def segmented_attention(attention, q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, segments=None):
-  """`attention` within every segment of packed rows (packing.Segments), each segment's slice
-  on its own: no scores between examples or on padding, whose outputs are zero."""
+  """`attention` within every segment of packed rows (packing.Segments): no example sees
+  another or the padding, whose outputs are never used.
+
+  dense (the TPU's and multi-device choice) masks each whole row: fewer, larger products, which
+  XLA's TPU compiler builds faster and its cost model runs faster than one slice per segment,
+  for 2 % more FLOPs (docs/benchmarks.md). chunked (one CPU) and cudnn run on each segment's
+  slice: on a CPU the masked scores cost more than the many small products.
+  """
   if segments is None:
     return attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK)
+  if attention is dense_attention:
+    ids_BxL = packing.segment_ids(segments)
+    return dense_attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK,
+                           ids_BxL[:, :, None] == ids_BxL[:, None, :])
   cut = [packing.cut(t, segments, axis=2) for t in (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK)]
   return packing.join([attention(*qkv) for qkv in zip(*cut)], segments, axis=2)
 
