@@ -5,8 +5,8 @@ The encoder is shared by every group, so G groups of kept tokens (audio at ratio
 of nearly equal length (614/613/614) that run as one batch through the blocks' matmuls, with
 attention restricted to each row's segments (NaViT-style packing). The layout follows from the
 group sizes alone, so attention is restricted to each segment by static slices or a static
-mask (layers.segmented_attention): no example sees another or the padding. Rows are formed inside each data shard, as
-the groups are (masking.py).
+mask (layers.segmented_attention): no example sees another or the padding. Rows are formed
+inside each data shard, as the groups are (masking.py).
 """
 from __future__ import annotations
 
