@@ -75,7 +75,7 @@ class PretrainSpec:
   accum_steps: int
   batch_shards: int  # data shards the ratio groups are formed in (the masking layout)
   schedule: Schedule
-  pack_groups: bool = True  # ratio groups packed into rows: one encoder call per modality
+  pack_groups: bool  # ratio groups packed into rows: one encoder call per modality
 
 
 @dataclasses.dataclass(frozen=True)

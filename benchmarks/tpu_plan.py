@@ -85,9 +85,9 @@ def row(r: dict) -> str:
           f"{r['hbm_gib']} ({fits}) | {tflop} | {ratio} | {coll} | {speed} |")
 
 
-def packing_lines(results: list[dict]) -> list[str]:
-  """Packed ratio groups against one encoder call per group, for every case run both ways."""
-  done = {r["case"]: r for r in results if "error" not in r}
+def packing_lines(done: dict[str, dict]) -> list[str]:
+  """Packed ratio groups against one encoder call per group, for every case run both ways;
+  done: the finished cases' results by case."""
   lines = []
   for case, grouped in done.items():
     packed = done.get(case.replace("/grouped", ""))
@@ -105,10 +105,9 @@ def packing_lines(results: list[dict]) -> list[str]:
   return lines
 
 
-def compile_lines(results: list[dict]) -> list[str]:
+def compile_lines(done: dict[str, dict]) -> list[str]:
   """Compile time of every scanned or packed variant against the unrolled program with one
   encoder call per ratio group, per config / topology / dtype."""
-  done = {r["case"]: r for r in results if "error" not in r}
   lines = []
   for case, base in done.items():
     if not case.endswith("/grouped") or base.get("scan"):
@@ -150,7 +149,8 @@ def main():
            "| case | batch/chip | lower + compile s | GiB args + temp | used / HBM (fits) | "
            "TFLOP/chip/step | XLA / analytic | collectives | samples/s/chip |",
            "|---|---|---|---|---|---|---|---|---|"]
-  lines += [row(r) for r in results] + [""] + packing_lines(results) + compile_lines(results)
+  done = {r["case"]: r for r in results if "error" not in r}
+  lines += [row(r) for r in results] + [""] + packing_lines(done) + compile_lines(done)
   write_section("TPU plan", "\n".join(lines) + "\n")
 
 
