@@ -3,7 +3,7 @@
   python -m data_prep.build --input JSON_OR_DIR [--labels CSV] --out DATASET_DIR
       [--split train] [--num_shards N] [--workers W]
       [--process_index I --process_count P] [--max_frames 1024] [--frame_resize crop]
-      [--finalize]
+      [--downmix mean] [--frame_span first] [--finalize]
 
 Inputs
   * A CAV-MAE dataset JSON, {"data": [{"video_id", "wav", "video_path", "labels"}]}, with
@@ -15,7 +15,8 @@ Inputs
   * A folder of videos (any container FFmpeg reads; hidden files and .csv/.json/.txt/.md
     are ignored), searched recursively. A clip's id is its path relative to the folder
     without the extension ("a.mp4" -> "a", "sub/b.webm" -> "sub/b"). --labels, optional, is
-    a CSV of `file,labels` rows, header `file,labels` optional:
+    a CSV of `file,labels` rows, header `file,labels` optional (another header, such as
+    `video_id,labels`, is refused):
         file,labels
         a.mp4,dog
         sub/b.webm,"dog,bark"
@@ -28,18 +29,23 @@ Inputs
 
 Per clip (avsiam_jax/data/examples.py, the record layout of avsiam_jax/data/records.py): 10
 frames (JPEG; --frame_resize crop, the default: short side resized to 224 then centre crop, as
-CAV-MAE; squash: the whole frame resized to 224 x 224, bicubic, as the released AVSiam code),
-the kaldi fbank of the first 10 s of 16 kHz mono audio as float16 (T <= max_frames, 128),
-unpadded, and int32 labels. Every split of a dataset has the same max_frames and frame_resize.
+CAV-MAE; squash: the whole frame resized to 224 x 224, bicubic, as the released AVSiam code)
+sampled from the first 10 s of the video (--frame_span first, the default: frame
+int(i * total / 10)) or from the whole video (whole: np.linspace(0, total - 1, 10), the released
+AVSiam loader's rule without its random offset), the kaldi fbank of the first 10 s of 16 kHz
+mono audio as float16 (T <= max_frames, 128), unpadded, and int32 labels. Audio of several
+channels becomes mono by --downmix: mean (the default: the mean of the channels, as the
+released AVSiam loader) or first (the first channel, as CAV-MAE's `sox remix 1`). Every split
+of a dataset has the same max_frames, frame_resize, downmix and frame_span.
 
 Output in DATASET_DIR, a dataset `tfds.builder_from_directory(DATASET_DIR)` opens without
 TensorFlow: <name>-<split>.array_record-iiiii-of-nnnnn shards of tf.train.Examples; TFDS's
 dataset_info.json (shard lengths) and features.json; metadata.json with this project's
-label_names, label_ids, fbank and frames settings, and per split num_skipped and
-example_labels (every record's classes, in record order); report.json with, per split, the
-counts and every skipped clip as {id, path, reason, message}. <name> is the folder's name, or
-NAME for a folder DATA_DIR/NAME/X.Y.Z (then `tfds.data_source("NAME", data_dir=DATA_DIR)` finds
-it). A folder of the earlier format (msgpack records) is refused: convert it first with
+label_names, label_ids, fbank (downmix among them) and frames (resize, span) settings, and per
+split num_skipped and example_labels (every record's classes, in record order); report.json
+with, per split, the counts, the downmix and frame_span, and every skipped clip as {id, path,
+reason, message}. <name> is the folder's name, or NAME for a folder DATA_DIR/NAME/X.Y.Z (then
+`tfds.data_source("NAME", data_dir=DATA_DIR)` finds it). A folder of the earlier format (msgpack records) is refused: convert it first with
 `python -m data_prep.convert --dataset DATASET_DIR`.
 
 Bad input: each case has one rule, and a skipped clip is never written as a placeholder.
@@ -54,7 +60,8 @@ Bad input: each case has one rule, and a skipped clip is never written as a plac
 
 Several processes/hosts: shard i covers a contiguous index range of the clip list; process I
 of P builds the shards with i % P == I. Every process must be given the same input, split,
-num_shards, max_frames and frame_resize (checked against .build/<split>/plan.json).
+num_shards, max_frames, frame_resize, downmix and frame_span (checked against
+.build/<split>/plan.json).
 
 Resume: a shard whose final file exists is kept; a leftover `.tmp` is redone. Each shard has a
 report part, .build/<split>/<shard>.report.json, written before the shard file appears.
@@ -80,15 +87,15 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 
-_BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+from avsiam_jax import utils  # standard library only: numpy is not loaded yet
+
 if __name__ == "__main__":
   # CLI only, before numpy loads: fbank's small matmul gains nothing from BLAS threads, and
   # their spinning next to FFmpeg's decode threads halved clips/s on a 2-core machine.
-  for _k in _BLAS_THREAD_VARS:
+  for _k in utils.BLAS_THREAD_VARS:
     os.environ.setdefault(_k, "1")
 
 # The record format and how one clip becomes a record live in the package; this script plans,
@@ -101,6 +108,10 @@ STATE_DIR = ".build"
 # Extensions never treated as media in a folder input (label lists, notes).
 _NOT_MEDIA = {".csv", ".json", ".txt", ".md", ".tmp", ".part"}
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
+# Column names of other datasets' CSVs: a first row holding one is a header, not a clip.
+_HEADER_NAMES = {"file", "files", "filename", "file_name", "path", "video", "video_id",
+                 "video_path", "id", "clip", "clip_id", "ytid", "youtube_id", "name", "label",
+                 "labels", "class", "classes", "mid", "mids", "positive_labels"}
 
 
 class InputError(ValueError):
@@ -224,8 +235,17 @@ def _clip_id(rel):
   return os.path.splitext(rel)[0]
 
 
-def _read_folder_csv(path):
-  """`file,labels` rows -> [(line, file, [labels])]."""
+def _column_name(cell):
+  return cell.strip().lstrip("#").strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def _read_folder_csv(path, names_a_clip):
+  """`file,labels` rows -> [(line, file, [labels])].
+
+  The header is optional; a first row that names no clip (`names_a_clip(file)` is false) and
+  holds a column name (video_id, label, ...) is another header, refused: read as a row, it
+  would be a missing clip and its labels field a class.
+  """
   try:
     f = open(path, newline="", encoding="utf-8")
   except OSError as e:
@@ -239,6 +259,11 @@ def _read_folder_csv(path):
         continue
       if not rows and [c.strip().lower() for c in row] == ["file", "labels"]:
         continue  # header
+      if (not rows and not names_a_clip(row[0].strip())
+          and any(_column_name(c) in _HEADER_NAMES for c in row)):
+        raise InputError(f"{path}, line {line}: header {','.join(c.strip() for c in row)!r} "
+                         "is not 'file,labels'; name the columns file,labels, or drop the "
+                         "header (the first line is then a clip)")
       if len(row) == 1:
         row = row + [""]
       if len(row) != 2:
@@ -258,7 +283,9 @@ def _read_folder(folder, labels_csv, existing_vocab):
   if labels_csv is None:
     rows = [(None, rel, []) for rel in files]
   else:
-    rows = _read_folder_csv(labels_csv)
+    ids = {_clip_id(rel) for rel in files}
+    rows = _read_folder_csv(labels_csv, lambda file: file in ids
+                            or os.path.isfile(os.path.join(folder, file)))
   vocab = sorted({label for _, _, labels in rows for label in labels})
   if existing_vocab is not None and set(vocab) <= set(existing_vocab):
     vocab = list(existing_vocab)  # keep the dataset's indices for a later split
@@ -294,14 +321,16 @@ def _read_folder(folder, labels_csv, existing_vocab):
 # ---------------------------------------------------------------- one clip (worker side)
 
 
-def process_clip(entry: Entry, max_frames: int, frame_resize: str = "crop"):
+def process_clip(entry: Entry, max_frames: int, frame_resize: str = "crop",
+                 downmix: str = "mean", frame_span: str = "first"):
   """One clip -> ('ok', example) | ('skip', report row) | ('error', message)."""
   if entry.skip is not None:
     return "skip", entry.skip
   try:
     return "ok", examples.make_example(entry.id, entry.video, entry.audio,
                                        frame_dir=entry.frame_dir, labels=entry.labels,
-                                       max_frames=max_frames, frame_resize=frame_resize)
+                                       max_frames=max_frames, frame_resize=frame_resize,
+                                       downmix=downmix, frame_span=frame_span)
   except media.ClipError as e:
     return "skip", _skip(entry.id, e.path, e.reason, e.detail or str(e))
   except Exception:  # a bug or an unforeseen failure: stop the build, naming the clip
@@ -310,16 +339,6 @@ def process_clip(entry: Entry, max_frames: int, frame_resize: str = "crop"):
 
 
 # ---------------------------------------------------------------- files and state
-
-
-def _write_json(path, obj):
-  # A private temp name: processes on several hosts may write the same plan at once.
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".",
-                             suffix=".tmp")
-  os.fchmod(fd, 0o644)  # mkstemp makes it private
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
 
 
 def _read_json(path):
@@ -361,7 +380,8 @@ def _existing_info(out):
     raise InputError(str(e)) from None
 
 
-def _check_compatible(out, label_ids, label_names, max_frames, frame_resize):
+def _check_compatible(out, label_ids, label_names, max_frames, frame_resize, downmix="mean",
+                      frame_span="first"):
   """A new split must share the dataset's vocabulary and settings."""
   info = _existing_info(out)
   if info is None:
@@ -383,6 +403,20 @@ def _check_compatible(out, label_ids, label_names, max_frames, frame_resize):
   if built != frame_resize:
     raise InputError(f"{where}: built with frame_resize={built!r}, this run asks "
                      f"{frame_resize!r}; a dataset's splits share one frame_resize")
+  # No entry: built before the option, with the earlier down-mix, which no flag reproduces.
+  built = info.get("fbank", {}).get("downmix")
+  if built != downmix:
+    said = (f"the earlier down-mix {records.EARLIER_DOWNMIX} (no fbank.downmix entry)"
+            if built is None else f"downmix={built!r}")
+    raise InputError(f"{where}: built with {said}, this run asks downmix={downmix!r}; a "
+                     "dataset's splits share one downmix"
+                     + ("" if built is not None else "; rebuild every split with "
+                        f"`{records.REBUILD_COMMAND.format(dir=out)}`"))
+  # No entry: built before the option, from the first 10 s.
+  built = info.get("frames", {}).get("span", "first")
+  if built != frame_span:
+    raise InputError(f"{where}: built with frame_span={built!r}, this run asks "
+                     f"{frame_span!r}; a dataset's splits share one frame_span")
 
 
 def _plan_fingerprint(entries):
@@ -393,8 +427,10 @@ def _plan_fingerprint(entries):
 
 
 def _read_plan(path):
-  # A plan written before the frame_resize option was a crop build.
-  return dict({"frame_resize": "crop"}, **_read_json(path))
+  # A plan written before the frame_resize / frame_span options was a crop build of the first
+  # 10 s; one without downmix used the earlier down-mix (None: no flag reproduces it).
+  return dict({"frame_resize": "crop", "frame_span": "first", "downmix": None},
+              **_read_json(path))
 
 
 def _legacy_shards(out, split):
@@ -422,7 +458,7 @@ def _check_plan(out, split, plan):
           f"{path}); finish it with the same input and flags, or delete its shards and "
           f"{_state_dir(out, split)} to start over")
   else:
-    _write_json(path, plan)
+    utils.write_json(path, plan, every_process=True)
   legacy = _legacy_shards(out, split)
   if legacy:
     raise InputError(f"{out}: {legacy[0]} is a shard of the earlier format; convert the "
@@ -468,13 +504,15 @@ def finalize(out, split="train", verbose=True):
       return None
     parts = [_read_json(_part_path(out, split, s)) for s in plan["shards"]]
     report = dict(_merge_parts(parts), input=plan["input"], num_shards=plan["num_shards"],
-                  shards=plan["shards"])
+                  shards=plan["shards"], downmix=plan["downmix"], frame_span=plan["frame_span"])
     _check_compatible(out, plan["label_ids"], plan["label_names"], plan["max_frames"],
-                      plan["frame_resize"])
+                      plan["frame_resize"], plan["downmix"], plan["frame_span"])
     info = _existing_info(out) or dict(name=plan["name"], version=plan["version"],
                                        label_names=plan["label_names"],
                                        label_ids=plan["label_ids"], splits={})
-    info.update(records.format_info(plan["max_frames"], plan["frame_resize"]))
+    # A plan without downmix (shards of an earlier build) leaves the entry out: readers warn.
+    info.update(records.format_info(plan["max_frames"], plan["frame_resize"], plan["downmix"],
+                                    plan["frame_span"]))
     # example_labels (record order): class-balanced sampling without reading every record.
     info["splits"][split] = {"num_examples": report["num_examples"], "shards": plan["shards"],
                              "shard_lengths": [p["num_examples"] for p in parts],
@@ -483,7 +521,7 @@ def finalize(out, split="train", verbose=True):
     report_path = os.path.join(out, REPORT_FILE)
     full = _read_json(report_path) if os.path.exists(report_path) else {"splits": {}}
     full["splits"][split] = report
-    _write_json(report_path, full)
+    utils.write_json(report_path, full, every_process=True)
     records.write_info(out, info)
   if verbose:
     print(f"[{split}] finalized: {records.INFO_FILE} and {REPORT_FILE} written in {out}",
@@ -513,24 +551,13 @@ class _Progress:
             f"{self.done - self.written} skipped, {self.rate():.2f} clips/s", flush=True)
 
 
-@contextlib.contextmanager
-def _single_threaded_blas():
-  """Workers inherit one BLAS thread each (unless the user set it): W processes each spinning
-  a full-size OpenBLAS pool made 2 workers slower than 1 on a 2-core machine."""
-  keys = [k for k in _BLAS_THREAD_VARS if k not in os.environ]
-  os.environ.update({k: "1" for k in keys})
-  try:
-    yield
-  finally:
-    for k in keys:
-      os.environ.pop(k, None)
-
-
-def _results(entries, max_frames, pool, window, frame_resize="crop"):
+def _results(entries, max_frames, pool, window, frame_resize="crop", downmix="mean",
+             frame_span="first"):
   """Results in order; at most `window` clips in flight so memory stays bounded."""
+  settings = (max_frames, frame_resize, downmix, frame_span)
   if pool is None:
     for e in entries:
-      yield process_clip(e, max_frames, frame_resize)
+      yield process_clip(e, *settings)
     return
   pending = collections.deque()
   it = iter(entries)
@@ -538,7 +565,7 @@ def _results(entries, max_frames, pool, window, frame_resize="crop"):
   def submit():
     e = next(it, None)
     if e is not None:
-      pending.append((e, pool.submit(process_clip, e, max_frames, frame_resize)))
+      pending.append((e, pool.submit(process_clip, e, *settings)))
 
   for _ in range(window):
     submit()
@@ -571,7 +598,7 @@ def _shard_examples(results, count, part, part_path, progress):
     else:
       part["skipped"].append(payload)
   # Written before write_shard renames the shard: a final shard always has its part.
-  _write_json(part_path, part)
+  utils.write_json(part_path, part, every_process=True)
 
 
 def load_input(input, labels=None, existing_vocab=None):
@@ -585,12 +612,12 @@ def load_input(input, labels=None, existing_vocab=None):
 
 def build(input, out, labels=None, split="train", num_shards=None, workers=1, process_index=0,
           process_count=1, max_frames=records.MAX_FBANK_FRAMES, frame_resize="crop",
-          verbose=True) -> dict:
+          downmix="mean", frame_span="first", verbose=True) -> dict:
   """Builds this process's shards of `split`; finalizes the split if it is then complete.
 
   Returns the split's report: {num_examples, num_skipped, skipped_by_reason, skipped:
-  [{id, path, reason, message}], shards, finalized, ...}: the merged report of the whole split
-  when finalized, else that of this process's shards.
+  [{id, path, reason, message}], shards, downmix, frame_span, finalized, ...}: the merged
+  report of the whole split when finalized, else that of this process's shards.
   """
   if not _SPLIT_RE.match(split):
     raise InputError(f"split {split!r}: use letters, digits and '_'")
@@ -600,6 +627,8 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
     raise InputError("max_frames and workers must be positive")
   try:
     records.check_frame_resize(frame_resize)
+    records.check_downmix(downmix)
+    records.check_frame_span(frame_span)
   except ValueError as e:
     raise InputError(str(e)) from None
   out = os.path.abspath(out)
@@ -608,7 +637,7 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
       input, labels, existing.get("label_ids") if existing else None)
   if not entries:
     raise InputError(f"{input}: no clips")
-  _check_compatible(out, label_ids, label_names, max_frames, frame_resize)
+  _check_compatible(out, label_ids, label_names, max_frames, frame_resize, downmix, frame_span)
   n = len(entries)
   if num_shards is None:
     num_shards = min(n, max(process_count, math.ceil(n / CLIPS_PER_SHARD)))
@@ -621,6 +650,7 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
   plan = {"input": os.path.abspath(input), "name": name, "version": version,
           "num_entries": n, "num_shards": num_shards,
           "shards": names, "max_frames": max_frames, "frame_resize": frame_resize,
+          "downmix": downmix, "frame_span": frame_span,
           "label_ids": label_ids, "label_names": label_names,
           "entries_sha256": _plan_fingerprint(entries)}
   os.makedirs(out, exist_ok=True)
@@ -641,10 +671,10 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
   if workers > 1 and len(clips) > 1:
     # spawn: never fork a parent that may hold JAX/XLA threads. The executor starts workers
     # on demand, so the BLAS setting stays in the environment while it lives.
-    env.enter_context(_single_threaded_blas())
+    env.enter_context(utils.one_blas_thread())
     pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
   try:
-    results = _results(clips, max_frames, pool, 4 * workers, frame_resize)
+    results = _results(clips, max_frames, pool, 4 * workers, frame_resize, downmix, frame_span)
     for i in todo:
       path = os.path.join(out, names[i])
       with contextlib.suppress(FileNotFoundError):
@@ -665,7 +695,8 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
   if report is None:
     parts = [_read_json(_part_path(out, split, names[i])) for i in mine]
     report = dict(_merge_parts(parts), split=split, finalized=False, input=plan["input"],
-                  num_shards=num_shards, shards=[names[i] for i in mine])
+                  num_shards=num_shards, shards=[names[i] for i in mine], downmix=downmix,
+                  frame_span=frame_span)
   report["clips_per_second"] = progress.done / elapsed if progress.done and elapsed > 0 else None
   if verbose:
     _print_summary(report, progress.done, elapsed, out)
@@ -688,6 +719,7 @@ def _print_summary(report, decoded, elapsed, out):
           "(or a --finalize run) writes dataset_info.json", flush=True)
 
 
+@utils.cli_errors(InputError, FileNotFoundError)
 def main(argv=None):
   parser = argparse.ArgumentParser(
       prog="python -m data_prep.build", description=__doc__,
@@ -707,28 +739,30 @@ def main(argv=None):
   parser.add_argument("--frame_resize", choices=records.FRAME_RESIZES, default="crop",
                       help="how frames become 224 x 224: crop (short side, then centre crop; "
                       "CAV-MAE) or squash (whole frame, bicubic; the released AVSiam code)")
+  parser.add_argument("--downmix", choices=records.DOWNMIXES, default="mean",
+                      help="how audio of several channels becomes mono: mean (of the channels; "
+                      "the released AVSiam loader) or first (channel; CAV-MAE's sox remix 1)")
+  parser.add_argument("--frame_span", choices=records.FRAME_SPANS, default="first",
+                      help="where the 10 frames are sampled: first (the first 10 s) or whole "
+                      "(the whole video, as the released AVSiam loader); audio: the first 10 s")
   parser.add_argument("--finalize", action="store_true",
                       help="only write dataset_info.json/report.json of a split whose shards "
                       "all exist")
   args = parser.parse_args(argv)
-  try:
-    if args.finalize:
-      if finalize(args.out, args.split) is None:
-        plan = _read_json(os.path.join(_state_dir(args.out, args.split), "plan.json"))
-        missing = _missing_shards(args.out, args.split, plan)
-        print(f"error: {len(missing)} shard(s) of {args.split!r} not built yet, e.g. "
-              f"{missing[0]}", file=sys.stderr)
-        return 1
-      return 0
-    if not args.input:
-      parser.error("--input is required (unless --finalize)")
-    build(args.input, args.out, labels=args.labels, split=args.split,
-          num_shards=args.num_shards, workers=args.workers, process_index=args.process_index,
-          process_count=args.process_count, max_frames=args.max_frames,
-          frame_resize=args.frame_resize)
-  except (InputError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if args.finalize:
+    if finalize(args.out, args.split) is None:
+      plan = _read_json(os.path.join(_state_dir(args.out, args.split), "plan.json"))
+      missing = _missing_shards(args.out, args.split, plan)
+      print(f"error: {len(missing)} shard(s) of {args.split!r} not built yet, e.g. "
+            f"{missing[0]}", file=sys.stderr)
+      return 1
+    return 0
+  if not args.input:
+    parser.error("--input is required (unless --finalize)")
+  build(args.input, args.out, labels=args.labels, split=args.split,
+        num_shards=args.num_shards, workers=args.workers, process_index=args.process_index,
+        process_count=args.process_count, max_frames=args.max_frames,
+        frame_resize=args.frame_resize, downmix=args.downmix, frame_span=args.frame_span)
   return 0
 
 

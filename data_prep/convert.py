@@ -22,6 +22,7 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
+from avsiam_jax import utils
 from avsiam_jax.data import records
 
 LEGACY_VERSION = 1
@@ -85,9 +86,10 @@ def convert(dataset_dir: str, out: str | None = None, verbose: bool = True) -> d
   name, version = records.dataset_name(out)
   info = {"name": name, "version": version, "label_names": names, "label_ids": label_ids,
           "splits": {}}
-  # Datasets from before the frame_resize option were cropped.
+  # Datasets from before the frame_resize option were cropped; the earlier format predates the
+  # channel mean, so no down-mix is recorded (readers then warn about stereo sources).
   info.update(records.format_info(fbank.get("max_frames", records.MAX_FBANK_FRAMES),
-                                  frames.get("resize", "crop")))
+                                  frames.get("resize", "crop"), downmix=fbank.get("downmix")))
   renamed = {}
   for split, s in legacy["splits"].items():
     old = list(s["shards"])
@@ -142,9 +144,9 @@ def _rename_build_state(out, split, pairs, name, version):
       with open(part) as f:
         p = json.load(f)
       p["shard"] = n
-      _write_json(os.path.join(state, n + ".report.json"), p)
+      utils.write_json(os.path.join(state, n + ".report.json"), p, every_process=True)
       os.remove(part)
-  _write_json(plan_path, plan)
+  utils.write_json(plan_path, plan, every_process=True)
 
 
 def _rename_in_report(out, renamed):
@@ -157,15 +159,10 @@ def _rename_in_report(out, renamed):
     entry = report.get("splits", {}).get(split)
     if entry and "shards" in entry:
       entry["shards"] = [pairs.get(s, s) for s in entry["shards"]]
-  _write_json(path, report)
+  utils.write_json(path, report, every_process=True)
 
 
-def _write_json(path, obj):
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
+@utils.cli_errors(ValueError, FileNotFoundError)
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m data_prep.convert",
                               description=__doc__.splitlines()[0])
@@ -176,10 +173,6 @@ def main(argv=None):
     convert(args.dataset, args.out)
   except _AlreadyConverted as e:
     print(e)
-    return 0
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
   return 0
 
 

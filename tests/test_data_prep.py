@@ -167,7 +167,9 @@ def test_bad_inputs_are_reported_and_never_written(table):
   assert info["label_ids"] == MIDS and info["label_names"] == [f"name {m}" for m in MIDS]
   assert info["fbank"]["sample_rate"] == 16000 and info["fbank"]["num_mel_bins"] == 128
   assert info["fbank"]["max_frames"] == 1024 and info["frames"] == {
-      "num": 10, "size": 224, "format": "jpeg", "resize": "crop"}
+      "num": 10, "size": 224, "format": "jpeg", "resize": "crop", "span": "first"}
+  assert info["fbank"]["downmix"] == "mean"  # the defaults, recorded
+  assert (on_disk["downmix"], on_disk["frame_span"]) == ("mean", "first")
 
 
 def test_good_records_have_the_right_fields(table):
@@ -251,6 +253,35 @@ def test_malformed_folder_csv_and_missing_labels_flag(tmp_path):
   (tmp_path / "d.json").write_text('{"data": []}')
   with pytest.raises(B.InputError, match="needs --labels"):
     B.build(str(tmp_path / "d.json"), str(tmp_path / "ds"))
+
+
+@pytest.mark.parametrize("header", ["video_id,labels", "filename,label", "# YTID,positive_labels",
+                                    "video_id"])
+def test_folder_csv_with_another_header_is_refused(tmp_path, header, capsys):
+  (tmp_path / "v").mkdir()
+  (tmp_path / "v" / "a.mp4").write_bytes(b"")  # never decoded: refused before
+  labels = tmp_path / "f.csv"
+  labels.write_text(f"{header}\na.mp4,dog\n")
+  args = ["--input", str(tmp_path / "v"), "--out", str(tmp_path / "ds"), "--labels", str(labels)]
+  assert B.main(args) == 2
+  (err,) = capsys.readouterr().err.strip().splitlines()  # one line, no traceback
+  assert err.startswith(f"error: {labels}, line 1: header {header!r}") and "'file,labels'" in err
+  assert not (tmp_path / "ds").exists()
+
+
+def test_headerless_folder_csv_and_clips_named_like_columns(tmp_path):
+  folder = tmp_path / "v"
+  folder.mkdir()
+  for name in ("id.mp4", "b.mp4"):
+    (folder / name).write_bytes(b"")
+  labels = tmp_path / "f.csv"
+  # No header: the first row is a clip, also where it is named like a column or is missing.
+  for first, want in [("id,dog", ("id", None)), ("b.mp4,labels", ("b", None)),
+                      ("gone.mp4,dog", ("gone", "missing_file"))]:
+    labels.write_text(f"{first}\nb,cat\n")
+    entries, _, _ = B.load_input(str(folder), str(labels))
+    assert (entries[0].id, entries[0].skip and entries[0].skip["reason"]) == want
+    assert len(entries) == 2
 
 
 def test_second_split_must_share_the_vocabulary(table, tmp_path):
@@ -496,6 +527,7 @@ def test_cli_help_documents_the_folder_csv():
                        check=True).stdout
   assert "file,labels" in out and "--finalize" in out and "--process_index" in out
   assert "--frame_resize {crop,squash}" in out
+  assert "--downmix {mean,first}" in out and "--frame_span {first,whole}" in out
 
 
 def test_unexpected_error_stops_the_build_naming_the_clip(demo, tmp_path, monkeypatch):
@@ -559,3 +591,151 @@ def test_a_dead_worker_fails_the_build_instead_of_hanging(demo):
   with futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
     with pytest.raises(RuntimeError, match="worker process died.*'demo_00001'"):
       list(B._results([entries[0], crash, entries[2]], 1024, pool, window=2))
+
+
+# ---------------------------------------------------------------- down-mix and frame span
+
+
+def _stereo_clip(path, seconds=1.5, sr=16000):
+  """Video + 16-bit PCM stereo with L = x, R = x / 2; returns x (float32, as stored)."""
+  t = np.arange(int(sr * seconds)) / sr
+  x = (0.4 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1500 * t)).astype(np.float32)
+  pcm = np.round(np.stack([x, 0.5 * x]) * 32767).astype(np.int16)
+  with av.open(path, "w") as c:
+    vs = c.add_stream("mpeg4", rate=10)
+    vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+    as_ = c.add_stream("pcm_s16le", rate=sr, layout="stereo")
+    for _ in range(int(seconds * 10)):
+      c.mux(vs.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 90, np.uint8), "rgb24")))
+    c.mux(vs.encode(None))
+    frame = av.AudioFrame.from_ndarray(pcm.T.reshape(1, -1).copy(), format="s16", layout="stereo")
+    frame.sample_rate, frame.pts = sr, 0
+    c.mux(as_.encode(frame))
+    c.mux(as_.encode(None))
+  return pcm / np.float32(32768)
+
+
+@pytest.fixture(scope="module")
+def stereo(tmp_path_factory):
+  d = tmp_path_factory.mktemp("stereo")
+  (d / "v").mkdir()
+  left, right = _stereo_clip(str(d / "v" / "s.mkv"))
+  return str(d / "v"), left, right
+
+
+def test_downmix_build_option_and_record(stereo, tmp_path):
+  folder, left, right = stereo
+  got = {}
+  for downmix in ("mean", "first"):
+    out = str(tmp_path / downmix)
+    args = ["--input", folder, "--out", out] + (["--downmix", downmix] if downmix != "mean" else [])
+    assert B.main(args) == 0
+    (r,) = all_records(out)
+    got[downmix] = r["fbank"].astype(np.float32)
+    info = records.read_info(out)
+    assert info["fbank"]["downmix"] == downmix and info["frames"]["span"] == "first"
+    report = json.load(open(os.path.join(out, B.REPORT_FILE)))["splits"]["train"]
+    assert (report["downmix"], report["frame_span"]) == (downmix, "first")
+    plan = json.load(open(os.path.join(out, B.STATE_DIR, "train", "plan.json")))
+    assert plan["downmix"] == downmix
+  # Against the channels written: the mean (released AVSiam) or the left one (CAV-MAE).
+  np.testing.assert_allclose(got["mean"], fbank((left + right) / 2), rtol=2e-3, atol=2e-3)
+  np.testing.assert_allclose(got["first"], fbank(left), rtol=2e-3, atol=2e-3)
+  with pytest.raises(SystemExit) as e:  # argparse's choices
+    B.main(["--input", folder, "--out", str(tmp_path / "x"), "--downmix", "sum"])
+  assert e.value.code == 2
+  with pytest.raises(B.InputError, match="downmix 'sum': expected one of 'mean', 'first'"):
+    B.build(folder, str(tmp_path / "x"), downmix="sum", verbose=False)
+  with pytest.raises(B.InputError, match="frame_span 'all': expected one of 'first', 'whole'"):
+    B.build(folder, str(tmp_path / "x"), frame_span="all", verbose=False)
+  assert not os.path.exists(tmp_path / "x")
+
+
+def test_second_split_must_share_downmix_and_frame_span(stereo, tmp_path):
+  folder = stereo[0]
+  out = str(tmp_path / "ds")
+  B.build(folder, out, verbose=False)
+  with pytest.raises(B.InputError, match="downmix='mean', this run asks downmix='first'"):
+    B.build(folder, out, split="test", downmix="first", verbose=False)
+  with pytest.raises(B.InputError, match="frame_span='first', this run asks 'whole'"):
+    B.build(folder, out, split="test", frame_span="whole", verbose=False)
+  assert not os.path.exists(os.path.join(out, B.STATE_DIR, "test"))
+  # A dataset built before the option holds the earlier mix, which no flag reproduces.
+  info = records.read_info(out)
+  del info["fbank"]["downmix"], info["frames"]["span"]
+  records.write_info(out, info)
+  with pytest.raises(B.InputError, match=r"earlier down-mix \(L\+R\)/sqrt\(2\).*rebuild every "
+                     r"split with `python -m data_prep.build \.\.\. --out "):
+    B.build(folder, out, split="test", verbose=False)
+
+
+def test_processes_and_finalize_carry_downmix_and_frame_span(demo, tmp_path):
+  json_path, csv_path = demo
+  out = str(tmp_path / "ds")
+  kw = dict(labels=csv_path, num_shards=2, process_count=2, verbose=False)
+  assert not B.build(json_path, out, process_index=0, downmix="first", frame_span="whole",
+                     **kw)["finalized"]
+  with pytest.raises(B.InputError, match="downmix 'first' before, 'mean' now"):
+    B.build(json_path, out, process_index=1, frame_span="whole", **kw)
+  with pytest.raises(B.InputError, match="frame_span 'whole' before, 'first' now"):
+    B.build(json_path, out, process_index=1, downmix="first", **kw)
+  assert B.build(json_path, out, process_index=1, downmix="first", frame_span="whole",
+                 **kw)["finalized"]
+  os.remove(os.path.join(out, records.INFO_FILE))
+  os.remove(os.path.join(out, B.REPORT_FILE))
+  assert B.main(["--out", out, "--finalize"]) == 0
+  info = records.read_info(out)
+  assert (info["fbank"]["downmix"], info["frames"]["span"]) == ("first", "whole")
+  report = json.load(open(os.path.join(out, B.REPORT_FILE)))["splits"]["train"]
+  assert (report["downmix"], report["frame_span"]) == ("first", "whole")
+  # A plan from before the options: its shards hold the earlier mix. Resuming with the new
+  # default is refused; finalizing them records no downmix (readers then warn).
+  plan_path = os.path.join(out, B.STATE_DIR, "train", "plan.json")
+  plan = json.load(open(plan_path))
+  del plan["downmix"], plan["frame_span"]
+  json.dump(plan, open(plan_path, "w"))
+  os.remove(os.path.join(out, records.INFO_FILE))
+  with pytest.raises(B.InputError, match="downmix None before, 'mean' now"):
+    B.build(json_path, out, process_index=1, **kw)
+  assert B.main(["--out", out, "--finalize"]) == 0
+  info = records.read_info(out)
+  assert "downmix" not in info["fbank"] and info["frames"]["span"] == "first"
+
+
+def _write_timed_clip(path, seconds=20.0, fps=10):
+  """A video whose frame colour tells its second (red = 10 + 12 * second), with a tone."""
+  with av.open(path, "w") as c:
+    vs = c.add_stream("mpeg4", rate=fps)
+    vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+    vs.options = {"qscale": "2"}
+    as_ = c.add_stream("aac", rate=16000, layout="mono")
+    for i in range(int(seconds * fps)):
+      img = np.full((48, 64, 3), 60, np.uint8)
+      img[..., 0] = 10 + 12 * (i // fps)
+      c.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+    c.mux(vs.encode(None))
+    frame = av.AudioFrame.from_ndarray(_tone(16000, 1, seconds, 0.3), format="fltp",
+                                       layout="mono")
+    frame.sample_rate, frame.pts = 16000, 0
+    c.mux(as_.encode(frame))
+    c.mux(as_.encode(None))
+  return path
+
+
+def test_whole_frame_span_samples_past_10_seconds(tmp_path):
+  folder = tmp_path / "v"
+  folder.mkdir()
+  _write_timed_clip(str(folder / "long.mp4"))
+  seconds = {}
+  for span in ("first", "whole"):
+    out = str(tmp_path / span)
+    assert B.main(["--input", str(folder), "--out", out, "--frame_span", span]) == 0
+    assert records.read_info(out)["frames"]["span"] == span
+    (r,) = all_records(out)
+    red = [media.decode_jpeg(f)[..., 0].mean() for f in r["frames"]]
+    seconds[span] = [int(round((v - 10) / 12)) for v in red]
+    assert r["fbank"].shape == (998, 128)  # the audio: the first 10 s either way
+  # first: frames 0, 10, ..., 90 (seconds 0..9); whole: linspace(0, 199, 10) (seconds 0..19).
+  assert seconds["first"] == list(range(10))
+  assert seconds["whole"] == [i // 10 for i in np.linspace(0, 199, 10).astype(int)]
+  assert seconds["whole"][-1] == 19

@@ -105,9 +105,11 @@ def test_content_carries_class_and_identity(demo):
     assert _dominant_hz(clip.waveform) == pytest.approx(spec.pitch_hz, rel=tol)
     assert _am_rate(clip.waveform) == pytest.approx(spec.am_rate_hz, abs=0.5)
     assert 0.05 < np.abs(clip.waveform).max() <= 1.0
-    peaks.append((spec.amplitude, np.sqrt(np.mean(clip.waveform ** 2))))
-  # Loudness follows u across clips (the codec and the downmix blur single peaks).
-  assert np.corrcoef(np.array(peaks).T)[0, 1] > 0.8
+    peaks.append((spec.amplitude, np.quantile(np.abs(clip.waveform), 0.999)))
+  # Loudness follows u across clips, mono and stereo alike (the mean of the channels keeps the
+  # level): the clip is scaled to its amplitude peak, which the codec blurs, so a high quantile
+  # (RMS depends on the timbre too).
+  assert np.corrcoef(np.array(peaks).T)[0, 1] > 0.9
 
 
 def test_specs_deterministic_and_balanced():

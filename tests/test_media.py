@@ -367,3 +367,177 @@ def test_truncated_file_with_index_up_front(tmp_path):
   with pytest.raises(ClipError) as e:
     decode_clip(cut)  # the audio that survives is too short
   assert e.value.reason in ("audio_too_short", "no_frames", "unreadable")
+
+
+# ------------------------------------------------------------ down-mix
+# References are analytic: the channels written, mixed in numpy. FFmpeg's own mono down-mix
+# (the earlier decoder) gives (L+R)/sqrt(2) for stereo, which every test here tells apart.
+
+LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1"}
+
+
+def _signal(n, sr=16000, seed=0, amp=1.0):
+  """Two tones plus a little noise, |x| < 0.7 * amp: every mel band has energy."""
+  t = np.arange(n) / sr
+  noise = np.random.default_rng(seed).standard_normal(n)
+  x = 0.4 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1234 * t + seed) + 0.02 * noise
+  return (amp * x).astype(np.float32)
+
+
+def _write_wav(path, channels, sample_rate=16000):
+  """A float32 WAV holding `channels` (C, N) exactly (pcm_f32le)."""
+  channels = np.ascontiguousarray(channels, np.float32)
+  layout = LAYOUTS[len(channels)]
+  with av.open(str(path), "w", format="wav") as c:
+    a = c.add_stream("pcm_f32le", rate=sample_rate, layout=layout)
+    frame = av.AudioFrame.from_ndarray(channels, format="fltp", layout=layout)
+    frame.sample_rate, frame.pts = sample_rate, 0
+    c.mux(a.encode(frame))
+    c.mux(a.encode(None))
+  return str(path)
+
+
+def _rms(x):
+  return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+
+
+def test_stereo_wav_decodes_to_the_mean_of_its_channels(tmp_path):
+  x = _signal(24000)
+  path = _write_wav(tmp_path / "s.wav", [x, 0.5 * x])
+  wave = decode_audio(path)
+  want = 0.75 * x  # (L + R) / 2; FFmpeg's mono mix gave 1.06 x
+  assert wave.shape == want.shape and wave.dtype == np.float32
+  assert abs(_rms(wave) / _rms(want) - 1) < 1e-4
+  np.testing.assert_allclose(wave, want, atol=1e-6)
+  np.testing.assert_array_equal(decode_audio(path, downmix="mean"), wave)
+
+
+def test_stereo_track_of_a_video_decodes_to_the_mean(tmp_path):
+  # decode_clip on an mkv (video + 16-bit PCM stereo): quantization error <= 2**-15.
+  wave_fn = lambda t: np.stack([_signal(len(t)), 0.5 * _signal(len(t))])
+  path = write_media(tmp_path / "s.mkv", acodec="pcm_s16le", layout="stereo", seconds=1.5,
+                     wave_fn=wave_fn)
+  want = 0.75 * _signal(24000)
+  clip = decode_clip(path, num_frames=2, image_size=16)
+  assert clip.waveform.shape == want.shape
+  assert abs(_rms(clip.waveform) / _rms(want) - 1) < 1e-4
+  np.testing.assert_allclose(clip.waveform, want, atol=1e-4)
+  first = decode_clip(path, num_frames=2, image_size=16, downmix="first").waveform
+  np.testing.assert_allclose(first, _signal(24000), atol=1e-4)
+
+
+@pytest.mark.parametrize("downmix", ["mean", "first"])
+def test_mono_is_unchanged(tmp_path, downmix):
+  x = _signal(20000)
+  np.testing.assert_array_equal(decode_audio(_write_wav(tmp_path / "m.wav", [x]),
+                                             downmix=downmix), x)
+
+
+def test_51_decodes_to_the_mean_of_its_six_channels(tmp_path):
+  # Six different channels (LFE included): FFmpeg's 5.1 -> mono matrix weighs them unequally.
+  chans = np.stack([_signal(20000, seed=k, amp=0.3 + 0.1 * k) for k in range(6)])
+  path = _write_wav(tmp_path / "s.wav", chans)
+  want = chans.mean(axis=0)
+  wave = decode_audio(path)
+  assert abs(_rms(wave) / _rms(want) - 1) < 1e-4
+  np.testing.assert_allclose(wave, want, atol=1e-6)
+  np.testing.assert_array_equal(decode_audio(path, downmix="first"), chans[0])
+
+
+def test_first_keeps_the_left_channel(tmp_path):
+  x, y = _signal(20000, seed=1), _signal(20000, seed=2, amp=0.5)
+  path = _write_wav(tmp_path / "s.wav", [x, y])
+  np.testing.assert_array_equal(decode_audio(path, downmix="first"), x)
+  np.testing.assert_allclose(decode_audio(path), (x + y) / 2, atol=1e-6)
+
+
+def test_fbank_of_stereo_is_the_fbank_of_the_mean(tmp_path):
+  from avsiam_jax.data.fbank import fbank  # pylint: disable=import-outside-toplevel
+  x = _signal(32000)
+  got = fbank(decode_audio(_write_wav(tmp_path / "s.wav", [x, 0.5 * x])))
+  want = fbank(0.75 * x)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  # The earlier mix, (L+R)/sqrt(2) = sqrt(2) times the mean: log-mels ln 2 higher (in bands
+  # above the energy floor; the lowest mel filters hold no FFT bin).
+  earlier = fbank((x + 0.5 * x) / np.sqrt(2, dtype=np.float32))
+  above = want > -10
+  assert above.mean() > 0.9
+  np.testing.assert_allclose((earlier - want)[above], np.log(2), atol=1e-3)
+
+
+def test_44k_stereo_resampled_keeps_the_mean_level(tmp_path):
+  n = 44100 * 3 // 2
+  x, y = _signal(n, 44100, seed=3), _signal(n, 44100, seed=4, amp=0.6)
+  stereo = decode_audio(_write_wav(tmp_path / "s.wav", [x, y], 44100))
+  mono = decode_audio(_write_wav(tmp_path / "m.wav", [(x + y) / 2], 44100))
+  assert stereo.shape == mono.shape and abs(len(stereo) - 24000) <= 16
+  assert abs(_rms(stereo) / _rms(mono) - 1) < 1e-3
+  np.testing.assert_allclose(stereo, mono, atol=1e-5)  # resampling is linear
+
+
+def test_layout_change_mid_stream_mixes_each_chunk():
+  # Stereo, then mono, then stereo frames: each chunk is mixed in its own layout.
+  x = _signal(3000)
+
+  def frame(chans, sr):
+    f = av.AudioFrame.from_ndarray(np.ascontiguousarray(chans, np.float32), format="fltp",
+                                   layout=LAYOUTS[len(chans)])
+    f.sample_rate = sr
+    return f
+
+  for sr in (16000, 44100):
+    audio = media._AudioCollector(16000, 10.0)  # pylint: disable=protected-access
+    for chans in ([x, 0.5 * x], [x], [x, 0 * x]):
+      audio.add(frame(chans, sr))
+    wave = audio.finish()
+    if sr == 16000:
+      np.testing.assert_allclose(wave, np.concatenate([0.75 * x, x, 0.5 * x]), atol=1e-7)
+    else:
+      assert abs(len(wave) - 3 * 3000 * 16000 / 44100) <= 64
+  first = media._AudioCollector(16000, 10.0, "first")  # pylint: disable=protected-access
+  first.add(frame([0.5 * x, x], 16000))
+  np.testing.assert_array_equal(first.finish(), 0.5 * x)
+
+
+def test_bad_downmix_is_named_before_decoding(tmp_path):
+  for path in (_write_wav(tmp_path / "m.wav", [_signal(20000)]), str(tmp_path / "nope.wav")):
+    with pytest.raises(ValueError, match="downmix 'sum': expected one of 'mean', 'first'"):
+      decode_audio(path, downmix="sum")
+    with pytest.raises(ValueError, match="downmix 'sum'"):
+      decode_clip(path, downmix="sum")
+  with pytest.raises(ValueError, match="downmix 'sum'"):
+    media.downmix_channels(np.zeros((2, 4)), "sum")
+
+
+# ------------------------------------------------------------ frame span
+
+
+def test_whole_frame_span_samples_the_whole_video(tmp_path):
+  # 20 s at 10 fps, frame colour = frame index; the audio stays the first 10 s.
+  path = write_media(tmp_path / "long.mp4", seconds=20.0, frame_fn=_digits_frame,
+                     voptions=LOSSLESS)
+  clip = decode_clip(path, num_frames=10, image_size=16, frame_span="whole")
+  want = np.linspace(0, 199, 10).astype(int).tolist()
+  assert _read_digits(clip.frames) == want and want[-1] == 199
+  assert clip.waveform.shape == (160000,)
+  first = decode_clip(path, num_frames=10, image_size=16)  # the default: the first 10 s
+  assert _read_digits(first.frames) == [int(i * 100 / 10) for i in range(10)]
+  assert _read_digits(decode_frames(path, num_frames=10, image_size=16,
+                                    frame_span="whole")) == want
+
+
+@pytest.mark.parametrize("estimate", [None, 5, 500])
+def test_whole_frame_span_with_wrong_estimate(tmp_path, monkeypatch, estimate):
+  path = write_media(tmp_path / "f.mp4", seconds=12.3, frame_fn=_digits_frame, voptions=LOSSLESS)
+  monkeypatch.setattr(media, "_estimate_total", lambda *a: estimate)
+  frames = decode_frames(path, num_frames=10, image_size=16, frame_span="whole")
+  assert _read_digits(frames) == np.linspace(0, 122, 10).astype(int).tolist()
+
+
+def test_frame_indices_rules():
+  assert media.frame_indices(200, 10) == list(range(0, 200, 20))
+  assert media.frame_indices(200, 10, "whole") == [0, 22, 44, 66, 88, 110, 132, 154, 176, 199]
+  assert media.frame_indices(3, 5, "whole") == [0, 0, 1, 1, 2]  # repeats
+  assert media.frame_indices(7, 1, "whole") == [0]
+  with pytest.raises(ValueError, match="frame_span 'all': expected one of 'first', 'whole'"):
+    media.frame_indices(7, 1, "all")

@@ -400,3 +400,28 @@ def test_grain_checkpoint_handler_round_trip(main_ds, tmp_path):
   want = _take(it, 2)
   fresh = handler.restore(epath.Path(tmp_path), item=_finetune(path, seed=2))
   _assert_batches_equal(want, _take(fresh, 2))
+
+
+# ----------------------------------------------------------- earlier datasets ---
+
+def test_dataset_without_downmix_warns_once(main_ds, tmp_path, monkeypatch, caplog):
+  import shutil  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(pipeline, "_WARNED_DOWNMIX", set())
+  path, _ = main_ds
+  assert records.read_info(path)["fbank"]["downmix"] == "mean"  # write_dataset's default
+  old = str(tmp_path / "old")
+  shutil.copytree(path, old)
+  info = records.read_info(old)
+  del info["fbank"]["downmix"]  # as a dataset built before the option
+  records.write_info(old, info)
+  caplog.set_level("WARNING")
+  for _ in range(2):  # training and eval open it: one warning per process and folder
+    _pretrain(old)
+    pipeline.make_eval_iterator(old, "train", batch_size=4)
+  _pretrain(path)
+  warned = [r.getMessage() for r in caplog.records if "down-mix" in r.getMessage()]
+  assert len(warned) == 1
+  assert warned[0].startswith(old + ": metadata.json records no audio down-mix")
+  assert "stereo sources in it were mixed at 1/sqrt(2) per channel" in warned[0]
+  assert "log-mels +ln 2 too high" in warned[0]
+  assert f"`python -m data_prep.build ... --out {old}`" in warned[0]

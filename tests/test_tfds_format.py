@@ -197,6 +197,8 @@ def test_earlier_format_is_refused_then_converted_in_place(tmp_path, capsys):
       ["dataset_info.json", "features.json", "labels.labels.txt", "metadata.json",
        "old-train.array_record-00000-of-00002", "old-train.array_record-00001-of-00002"])
   assert _pipeline_digests(path) == GOLDEN
+  # Its stereo sources were mixed by the earlier rule: nothing claims the channel mean.
+  assert "downmix" not in records.read_info(path)["fbank"]
   assert convert.main(["--dataset", path]) == 0  # a second run changes nothing
   assert "already in the current" in capsys.readouterr().out
 

@@ -4,7 +4,9 @@ A file is decoded and stored as the dataset builder stores a clip (examples.py: 
 224 px as JPEG, the fbank of the first 10 s as float16), then put through the eval pipeline's
 own transforms (pipeline.eval_audio / eval_video) at the model's `audio_frames` and
 `image_size`; its frames are made square as the run's dataset's were (`frame_resize`: the
-dataset_info's frames.resize, kept in the run's config.json as data.frame_resize). A file
+dataset_info's frames.resize, kept in the run's config.json as data.frame_resize), sampled from
+the same span (`frame_span`, frames.span) and its audio down-mixed the same way (`downmix`,
+fbank.downmix; "mean" where the run does not say). A file
 without usable audio (no stream, silent, under 1 s) is used visual-only, one without video
 audio-only.
 """
@@ -36,10 +38,10 @@ class PreparedClip:
   reason: str  # why a modality is missing; "" for audio-visual
 
 
-def _decode(path, frame_resize):
+def _decode(path, frame_resize, downmix, frame_span):
   """(frames uint8 or None, waveform or None, modality, reason), decoded as the builder does."""
   try:
-    clip = examples.decode_clip(path, frame_resize)
+    clip = examples.decode_clip(path, frame_resize, downmix, frame_span)
     return clip.frames, clip.waveform, AUDIO_VISUAL, ""
   except media.ClipError as e:
     if e.reason not in _FALLBACK:
@@ -47,18 +49,18 @@ def _decode(path, frame_resize):
     modality, reason = _FALLBACK[e.reason]
   try:
     if modality == VISUAL_ONLY:
-      return examples.decode_frames(path, frame_resize), None, modality, reason
-    return None, examples.decode_audio(path), modality, reason
+      return examples.decode_frames(path, frame_resize, frame_span), None, modality, reason
+    return None, examples.decode_audio(path, downmix), modality, reason
   except media.ClipError as e:
     # Neither modality is usable: say why for both.
     raise media.ClipError(e.path, e.reason, f"{e.detail or e.reason}; and {reason}") from None
 
 
-def prepare_clip(path, *, audio_frames: int, image_size: int,
-                 frame_resize: str = "crop") -> PreparedClip:
+def prepare_clip(path, *, audio_frames: int, image_size: int, frame_resize: str = "crop",
+                 downmix: str = "mean", frame_span: str = "first") -> PreparedClip:
   """Model inputs of one media file; raises media.ClipError (file and reason) if unusable."""
   path = str(path)
-  frames, wave, modality, reason = _decode(path, frame_resize)
+  frames, wave, modality, reason = _decode(path, frame_resize, downmix, frame_span)
   audio = video = None
   if wave is not None:
     audio = pipeline.eval_audio({"id": path, "fbank": examples.stored_fbank(wave)}, audio_frames)

@@ -1,17 +1,27 @@
 """Decoding raw video files (any container/codec FFmpeg reads) with PyAV.
 
 `decode_clip` returns `num_frames` RGB frames sampled uniformly from the first
-`max_seconds` of video and the first `max_seconds` of audio as 16 kHz mono
-float32; `square_image` makes each frame square (`frame_resize`: one of
+`max_seconds` of video (`frame_span` "first") or from the whole video stream
+("whole"), and the first `max_seconds` of audio as 16 kHz mono float32;
+`square_image` makes each frame square (`frame_resize`: one of
 records.FRAME_RESIZES).  Every way a file can be unusable raises `ClipError`
 with a short, stable `reason` code so that data pipelines can count and skip
 bad clips.
 
+Audio is resampled in its own channel layout, then down-mixed here (`downmix`,
+one of records.DOWNMIXES): "mean" averages the channels (the released AVSiam
+loader's ``waveform.mean(0)``), "first" keeps channel 0 (CAV-MAE's ``sox remix
+1``). FFmpeg's own mono down-mix is not used: it sums stereo at 1/sqrt(2) per
+channel, (L+R)/sqrt(2), 1.41x louder than the mean.
+
 Edge-case rules (kept stable because callers depend on them):
   * frame indices are ``int(i * total / num_frames)`` where ``total`` counts
     decoded frames whose time (relative to the first frame) is below
-    ``max_seconds``; a clip with fewer than ``num_frames`` frames repeats
-    frames; only ``total == 0`` is an error ('no_frames').
+    ``max_seconds`` ("first"); with "whole", ``total`` counts every decoded
+    frame and the indices are ``np.linspace(0, total - 1, num_frames)`` cast
+    to int (the released AVSiam loader's, without its random offset). A clip
+    with fewer than ``num_frames`` frames repeats frames; only ``total == 0``
+    is an error ('no_frames').
   * a damaged / truncated file that still yields frames and >= 1 s of audio is
     returned as is (whatever decodes is used); packets that fail to decode are
     skipped.
@@ -31,8 +41,8 @@ import av
 import numpy as np
 from PIL import Image
 
-# The allowed frame_resize values live with the stored format, which records them.
-from avsiam_jax.data.records import check_frame_resize
+# The allowed settings live with the stored format, which records them.
+from avsiam_jax.data.records import check_downmix, check_frame_resize, check_frame_span
 
 REASONS = (
     "missing_file",
@@ -127,7 +137,8 @@ def _frame_rate(vs):
 
 
 def _estimate_total(container, vs, max_seconds):
-  """Best guess of the frame count in the first max_seconds (None = unknown)."""
+  """Best guess of the frame count in the first max_seconds (None = unknown; max_seconds may be
+  inf: the whole stream)."""
   rate = _frame_rate(vs)
   dur = None
   if vs.duration and vs.time_base:
@@ -141,14 +152,22 @@ def _estimate_total(container, vs, max_seconds):
   return max(1, int(round(min(dur, max_seconds) * rate)))
 
 
-def frame_indices(total: int, num_frames: int) -> list[int]:
-  """Uniform frame sampling rule shared by all decoders."""
+def frame_indices(total: int, num_frames: int, frame_span: str = "first") -> list[int]:
+  """Uniform frame sampling rule shared by all decoders (see the module docstring)."""
+  if check_frame_span(frame_span) == "whole":
+    # The released loader's rule: first and last frame included.
+    return [int(i) for i in np.linspace(0, total - 1, num_frames)]
   return [int(i * total / num_frames) for i in range(num_frames)]
 
 
-def _candidate_indices(est, num_frames):
+def _video_seconds(max_seconds, frame_span):
+  """The time span whose frames count: the first max_seconds, or all of the stream."""
+  return float("inf") if frame_span == "whole" else max_seconds
+
+
+def _candidate_indices(est, num_frames, frame_span):
   lo, hi = max(1, est - _ESTIMATE_SLACK), est + _ESTIMATE_SLACK
-  return {i for t in range(lo, hi + 1) for i in frame_indices(t, num_frames)}
+  return {i for t in range(lo, hi + 1) for i in frame_indices(t, num_frames, frame_span)}
 
 
 class _VideoSampler:
@@ -177,23 +196,34 @@ class _VideoSampler:
     self.total += 1
 
 
+def downmix_channels(a: np.ndarray, downmix: str = "mean") -> np.ndarray:
+  """(channels, N) -> (N,) float32: the mean of the channels, or the first channel."""
+  a = np.asarray(a, np.float32)
+  if check_downmix(downmix) == "first" or a.shape[0] == 1:
+    return a[0]
+  return a.mean(axis=0, dtype=np.float32)
+
+
 class _AudioCollector:
-  def __init__(self, sample_rate, max_seconds):
+  def __init__(self, sample_rate, max_seconds, downmix="mean"):
     self.sample_rate = sample_rate
     self.max_samples = int(round(max_seconds * sample_rate))
+    self.downmix = downmix
     self.resampler = None
     self.chunks = []
     self.n = 0
     self.done = False
 
   def _new_resampler(self):
-    return av.AudioResampler(format="flt", layout="mono", rate=self.sample_rate)
+    # Planar float in the source's own layout (layout None keeps it): the down-mix is ours.
+    return av.AudioResampler(format="fltp", layout=None, rate=self.sample_rate)
 
   def _take(self, frames):
     for f in frames:
       if f is None:  # passthrough resampler echoes the flush sentinel
         continue
-      a = f.to_ndarray().reshape(-1)
+      # fltp: (channels, N). Mixed per chunk: the layout may change mid-stream.
+      a = downmix_channels(f.to_ndarray(), self.downmix)
       self.chunks.append(a)
       self.n += a.shape[0]
     if self.n >= self.max_samples:
@@ -216,7 +246,7 @@ class _AudioCollector:
     if not self.chunks:
       return np.zeros(0, np.float32)
     w = np.concatenate(self.chunks)[: self.max_samples].astype(np.float32, copy=False)
-    # Downmix of loud stereo/5.1 can exceed full scale.
+    # The mean of channels stays in [-1, 1], but resampling overshoot and float sources need not.
     return np.clip(w, -1.0, 1.0)
 
 
@@ -273,30 +303,39 @@ def square_image(img: Image.Image, image_size: int, frame_resize: str = "crop") 
   return np.asarray(img, dtype=np.uint8)
 
 
-def _second_pass(path, indices, max_seconds):
+def _second_pass(path, indices, video_seconds):
   """Re-decode video only, keeping exactly `indices` (estimate was off)."""
   with _open(path) as c:
     vs, _ = _streams(c, path, True, False)
-    sampler = _VideoSampler(vs, max_seconds, set(indices))
+    sampler = _VideoSampler(vs, video_seconds, set(indices))
     _run(c, vs, None, sampler, None)
   return sampler
 
 
 def _decode(path, num_frames, image_size, sample_rate, max_seconds, want_video, want_audio,
-            frame_resize="crop"):
+            frame_resize="crop", downmix="mean", frame_span="first"):
   path = os.fspath(path)
   if num_frames < 1 or image_size < 1 or sample_rate < 1 or max_seconds <= 0:
     raise ValueError("num_frames, image_size, sample_rate, max_seconds must be positive")
-  check_frame_resize(frame_resize)  # before any decoding
+  # Setting errors before any decoding.
+  check_frame_resize(frame_resize)
+  check_downmix(downmix)
+  check_frame_span(frame_span)
+  video_seconds = _video_seconds(max_seconds, frame_span)
   with _open(path) as c:
     vs, as_ = _streams(c, path, want_video, want_audio)
     sampler = audio = None
     if vs is not None:
-      est = _estimate_total(c, vs, max_seconds)
-      keep = None if est is None else _candidate_indices(est, num_frames)
-      sampler = _VideoSampler(vs, max_seconds, keep)
+      est = _estimate_total(c, vs, video_seconds)
+      if est is None:
+        # Unknown count: keep every frame of the first max_seconds, but only count a whole
+        # stream (a long video's frames would not fit in memory); a second pass fetches them.
+        keep = set() if frame_span == "whole" else None
+      else:
+        keep = _candidate_indices(est, num_frames, frame_span)
+      sampler = _VideoSampler(vs, video_seconds, keep)
     if as_ is not None:
-      audio = _AudioCollector(sample_rate, max_seconds)
+      audio = _AudioCollector(sample_rate, max_seconds, downmix)
     _run(c, vs, as_, sampler, audio)
     wave = audio.finish() if audio is not None else None
 
@@ -306,9 +345,9 @@ def _decode(path, num_frames, image_size, sample_rate, max_seconds, want_video, 
         raise ClipError(path, "unreadable", "nothing could be decoded")
       if sampler.total == 0:
         raise ClipError(path, "no_frames", "video stream has no decodable frame")
-      idx = frame_indices(sampler.total, num_frames)
+      idx = frame_indices(sampler.total, num_frames, frame_span)
       if any(i not in sampler.kept for i in idx):
-        sampler = _second_pass(path, idx, max_seconds)
+        sampler = _second_pass(path, idx, video_seconds)
         if not sampler.kept:
           raise ClipError(path, "no_frames", "no frame decoded on second pass")
         # Some decoders (e.g. theora with frame threads on a damaged
@@ -334,24 +373,31 @@ def _decode(path, num_frames, image_size, sample_rate, max_seconds, want_video, 
 
 def decode_clip(path, num_frames: int = 10, image_size: int = 224,
                 sample_rate: int = 16000, max_seconds: float = 10.0,
-                frame_resize: str = "crop") -> Clip:
-  """Frames + audio of a video file; raises ClipError if either is unusable."""
+                frame_resize: str = "crop", downmix: str = "mean",
+                frame_span: str = "first") -> Clip:
+  """Frames + audio of a video file; raises ClipError if either is unusable.
+
+  `downmix`: one of records.DOWNMIXES; `frame_span`: one of records.FRAME_SPANS (the audio is
+  the first max_seconds either way).
+  """
   frames, wave = _decode(path, num_frames, image_size, sample_rate, max_seconds, True, True,
-                         frame_resize)
+                         frame_resize, downmix, frame_span)
   return Clip(frames=frames, waveform=wave, duration=wave.size / sample_rate)
 
 
 def decode_frames(path, num_frames: int = 10, image_size: int = 224,
-                  max_seconds: float = 10.0, frame_resize: str = "crop") -> np.ndarray:
+                  max_seconds: float = 10.0, frame_resize: str = "crop",
+                  frame_span: str = "first") -> np.ndarray:
   """(num_frames, S, S, 3) uint8 frames; the audio track is ignored."""
   frames, _ = _decode(path, num_frames, image_size, 16000, max_seconds, True, False,
-                      frame_resize)
+                      frame_resize, frame_span=frame_span)
   return frames
 
 
-def decode_audio(path, sample_rate: int = 16000, max_seconds: float = 10.0) -> np.ndarray:
+def decode_audio(path, sample_rate: int = 16000, max_seconds: float = 10.0,
+                 downmix: str = "mean") -> np.ndarray:
   """(N,) float32 mono waveform; the video track (if any) is ignored."""
-  _, wave = _decode(path, 1, 1, sample_rate, max_seconds, False, True)
+  _, wave = _decode(path, 1, 1, sample_rate, max_seconds, False, True, downmix=downmix)
   return wave
 
 

@@ -51,6 +51,22 @@ _TAG_SHUFFLE, _TAG_BALANCED, _TAG_PRETRAIN, _TAG_FINETUNE = 1, 2, 3, 4
 
 # ---------------------------------------------------------------- dataset ---
 
+# Dataset folders already warned about (once per process each).
+_WARNED_DOWNMIX: set[str] = set()
+
+
+def warn_if_earlier_downmix(dataset_dir: str, info: dict[str, Any]) -> bool:
+  """Logs once per process and folder that a dataset without fbank.downmix holds stereo audio
+  mixed at 1/sqrt(2) per channel; True if it has no such entry."""
+  if "downmix" in info.get("fbank", {}):
+    return False
+  key = os.path.realpath(dataset_dir)
+  if key not in _WARNED_DOWNMIX:
+    _WARNED_DOWNMIX.add(key)
+    logging.warning("%s", records.earlier_downmix_message(dataset_dir))
+  return True
+
+
 class _Split:
   """Shard paths, size and label names of one split."""
 
@@ -59,6 +75,7 @@ class _Split:
     # TFDS's random-access data source over the split's ArrayRecord shards.
     self.source = records.open_split(dataset_dir, split)
     self.info = self.source.info
+    warn_if_earlier_downmix(dataset_dir, self.info)
     self.num_classes = len(self.info.get("label_names", []))
     self.size = len(self.source)
     if self.size == 0:

@@ -9,9 +9,12 @@ Layout of a dataset directory (TFDS's own, so `tfds.builder_from_directory(DIR)`
 Features of a clip (examples.py makes them from a clip's media):
   id:     Text
   frames: Sequence(Image jpeg, length NUM_FRAMES = 10), FRAME_SIZE = 224 px square, RGB, made
-          square as metadata's frames.resize says (one of FRAME_RESIZES)
+          square as metadata's frames.resize says (one of FRAME_RESIZES), sampled from the span
+          frames.span says (one of FRAME_SPANS; no entry: "first")
   fbank:  Tensor float16 (T, NUM_MEL_BINS = 128), raw bytes: raw log-mel (not normalized) of the
-          first MAX_SECONDS = 10 s of SAMPLE_RATE = 16 kHz mono audio; T <= fbank.max_frames
+          first MAX_SECONDS = 10 s of SAMPLE_RATE = 16 kHz mono audio, down-mixed as
+          fbank.downmix says (one of DOWNMIXES; no entry: the earlier rule, see EARLIER_DOWNMIX);
+          T <= fbank.max_frames
   labels: Sequence(ClassLabel), class indices (possibly none); class names = the label ids
           (AudioSet mids), the display names are metadata's label_names
 
@@ -47,6 +50,18 @@ MAX_FBANK_FRAMES = 1024  # default cap on stored fbank frames (10 s give 998)
 # frame (bicubic, aspect ratio lost), as the released AVSiam code. Crop is the default: it keeps
 # the aspect ratio, and another default would change every stored dataset and the demo's figures.
 FRAME_RESIZES = ("crop", "squash")
+# How multi-channel audio becomes mono (media.downmix_channels): "mean" of the channels, the
+# released AVSiam loader's waveform.mean(0), or the "first" channel, CAV-MAE's `sox remix 1`.
+DOWNMIXES = ("mean", "first")
+# Datasets whose metadata has no fbank.downmix were built with FFmpeg's mono down-mix, which
+# sums stereo channels at 1/sqrt(2) each: (L+R)/sqrt(2), log-mels ln 2 higher than the mean's.
+EARLIER_DOWNMIX = "(L+R)/sqrt(2)"
+REBUILD_COMMAND = "python -m data_prep.build ... --out {dir}"
+# Which frames of a video the NUM_FRAMES are sampled from: "first": the first MAX_SECONDS,
+# int(i * total / NUM_FRAMES); "whole": the whole video, np.linspace(0, total - 1, NUM_FRAMES)
+# as the released AVSiam loader (without its random offset). The audio is the first
+# MAX_SECONDS either way.
+FRAME_SPANS = ("first", "whole")
 INFO_FILE = "dataset_info.json"
 FEATURES_FILE = "features.json"
 METADATA_FILE = "metadata.json"  # TFDS's MetadataDict file
@@ -161,13 +176,45 @@ def check_frame_resize(frame_resize: str) -> str:
   return frame_resize
 
 
-def format_info(max_frames: int, frame_resize: str = "crop") -> dict[str, Any]:
-  """The "fbank" and "frames" entries of the metadata: how the records were made."""
+def check_downmix(downmix: str) -> str:
+  """`downmix` itself, or ValueError naming it unless it is one of DOWNMIXES."""
+  if downmix not in DOWNMIXES:
+    raise ValueError(f"downmix {downmix!r}: expected one of {', '.join(map(repr, DOWNMIXES))}")
+  return downmix
+
+
+def check_frame_span(frame_span: str) -> str:
+  """`frame_span` itself, or ValueError naming it unless it is one of FRAME_SPANS."""
+  if frame_span not in FRAME_SPANS:
+    raise ValueError(f"frame_span {frame_span!r}: expected one of "
+                     f"{', '.join(map(repr, FRAME_SPANS))}")
+  return frame_span
+
+
+def earlier_downmix_message(dataset_dir: str) -> str:
+  """What a dataset without fbank.downmix holds, and how to rebuild it (pipeline logs it)."""
+  return (f"{dataset_dir}: {METADATA_FILE} records no audio down-mix (fbank.downmix): the "
+          f"dataset was built with the earlier rule, {EARLIER_DOWNMIX}, so stereo sources in it "
+          "were mixed at 1/sqrt(2) per channel (their log-mels +ln 2 too high; mono sources are "
+          f"not affected). Rebuild it with `{REBUILD_COMMAND.format(dir=dataset_dir)}` "
+          "(--downmix mean, the default: the released AVSiam loader's mean of the channels)")
+
+
+def format_info(max_frames: int, frame_resize: str = "crop", downmix: str | None = "mean",
+                frame_span: str = "first") -> dict[str, Any]:
+  """The "fbank" and "frames" entries of the metadata: how the records were made.
+
+  `downmix` None leaves the entry out: records made with the earlier down-mix (EARLIER_DOWNMIX).
+  """
+  fbank = {"sample_rate": SAMPLE_RATE, "num_mel_bins": NUM_MEL_BINS, "max_frames": max_frames,
+           "max_seconds": MAX_SECONDS, "dtype": "float16"}
+  if downmix is not None:
+    fbank["downmix"] = check_downmix(downmix)
   return {
-      "fbank": {"sample_rate": SAMPLE_RATE, "num_mel_bins": NUM_MEL_BINS,
-                "max_frames": max_frames, "max_seconds": MAX_SECONDS, "dtype": "float16"},
+      "fbank": fbank,
       "frames": {"num": NUM_FRAMES, "size": FRAME_SIZE, "format": "jpeg",
-                 "resize": check_frame_resize(frame_resize)},
+                 "resize": check_frame_resize(frame_resize),
+                 "span": check_frame_span(frame_span)},
   }
 
 
@@ -277,18 +324,20 @@ def write_info(dataset_dir: str, info: dict[str, Any]) -> None:
 def write_dataset(dataset_dir: str, splits: dict[str, Sequence[Iterable[dict[str, Any]]]], *,
                   label_ids: Sequence[str], label_names: Sequence[str] | None = None,
                   max_frames: int = MAX_FBANK_FRAMES, frame_resize: str = "crop",
+                  downmix: str | None = "mean", frame_span: str = "first",
                   store_labels: bool = True) -> dict[str, Any]:
   """Writes whole splits in one process: {split: [shard's clips, ...]}; returns the info.
 
   The demo, tests and benchmarks use it; data_prep.build writes the same files from many
-  processes. `store_labels`: keep every clip's labels in the metadata (class-balanced sampling
-  without reading every record).
+  processes. frame_resize, downmix and frame_span record how the clips were made (format_info).
+  `store_labels`: keep every clip's labels in the metadata (class-balanced sampling without
+  reading every record).
   """
   os.makedirs(dataset_dir, exist_ok=True)
   name, version = dataset_name(dataset_dir)
   info = {"name": name, "version": version, "label_ids": list(label_ids),
           "label_names": list(label_ids if label_names is None else label_names), "splits": {}}
-  info.update(format_info(max_frames, frame_resize))
+  info.update(format_info(max_frames, frame_resize, downmix, frame_span))
   for split, shards in splits.items():
     labels, lengths = [], []
     names = [shard_name(name, split, i, len(shards)) for i in range(len(shards))]
