@@ -12,7 +12,6 @@ step runs. The report goes to the log and to WORKDIR/compile_only.json.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import re
 import time
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from avsiam_jax import config as config_lib
-from avsiam_jax import masking, sharding, state, train
+from avsiam_jax import masking, sharding, state, train, utils
 from avsiam_jax.config import ConfigError, RunSpec
 
 GiB = 2 ** 30
@@ -112,13 +111,6 @@ def _batch(spec: RunSpec, stage: str, mesh, num_classes: int) -> dict:
   return batch
 
 
-def _cost(compiled) -> dict[str, float]:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # one dict per program in some jax versions
-    cost = cost[0] if cost else {}
-  return dict(cost or {})
-
-
 def collectives(hlo_text: str) -> dict[str, int]:
   """Collective ops of a compiled HLO module by kind (async start/done pairs counted once)."""
   return dict(collections.Counter(_COLLECTIVE_RE.findall(hlo_text)))
@@ -161,7 +153,7 @@ def compile_stage(spec: RunSpec, stage: str, devices: list) -> dict[str, Any]:
     return {**case, "lower_s": t1 - t0, "compile_s": time.perf_counter() - t1,
             "temp_gib": need_gib, "fits": False, "error": str(e).splitlines()[0][:300]}
   t2 = time.perf_counter()
-  mem, cost = compiled.memory_analysis(), _cost(compiled)
+  mem, cost = compiled.memory_analysis(), utils.cost_of(compiled)
   used = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes) / GiB
   analytic = analytic_flops_per_sample(spec, stage) * per_chip_batch
@@ -224,6 +216,5 @@ def run(config, workdir: str) -> dict[str, Any]:
     logging.info("%s", summary(reports[stage]))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "compile_only.json"), "w") as f:
-      json.dump(reports, f, indent=1)
+  utils.write_json(os.path.join(workdir, "compile_only.json"), reports)
   return reports

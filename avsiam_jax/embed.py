@@ -10,8 +10,8 @@ FILE.npz holds, for the N embedded files in input order:
   paths (N,) str; audio, video (N, D) float32, zeros where the file lacks that modality;
   has_audio, has_video (N,) bool; skipped (K, 2) str: [file, "reason: detail"] per file
   not used.
-Skipped files are also reported on stderr. Exit status: 0; 1 if nothing could be embedded;
-2 if the checkpoint cannot be used.
+Skipped files are also reported on stderr. Exit status: 0; 1 if any file was skipped (FILE.npz
+still holds the others) or none was found; 2 if the checkpoint cannot be used.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from avsiam_jax import checkpoint, inference
+from avsiam_jax import checkpoint, inference, utils
 from avsiam_jax.data import media
 
 VIDEO_EXTENSIONS = frozenset(
@@ -45,6 +45,7 @@ def find_videos(inputs) -> list[str]:
   return out
 
 
+@utils.cli_errors(checkpoint.CheckpointError)
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m avsiam_jax.embed", description=__doc__,
@@ -53,11 +54,10 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="output .npz file")
   parser.add_argument("inputs", nargs="+", metavar="VIDEO_OR_DIR")
   args = parser.parse_args(argv)
-  try:
-    embedder = inference.Embedder.load(args.checkpoint)
-  except checkpoint.CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  out_dir = os.path.dirname(os.path.abspath(args.out))
+  if not os.path.isdir(out_dir):  # found before the files are embedded, not after
+    parser.error(f"--out {args.out}: no folder {out_dir}")
+  embedder = inference.Embedder.load(args.checkpoint)
   paths = find_videos(args.inputs)
   d = embedder.dim
   kept, audio, video, has_audio, has_video, skipped = [], [], [], [], [], []
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
              skipped=np.array(skipped, dtype=str).reshape(-1, 2))
   print(f"{n} of {len(paths)} files embedded, {len(skipped)} skipped -> {args.out}",
         file=sys.stderr)
-  return 0 if n else 1
+  return 1 if skipped or not n else 0
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ directory WORKDIR/checkpoints/<step>. Only the parameters are read (a partial re
 Clips are prepared exactly as the evaluation pipeline sees their stored records
 (avsiam_jax/data/clips.py): 10 frames decoded at 224 px, stored as JPEG and read back at the
 model's size; the fbank of the first 10 s kept as float16, padded or cut to `audio_frames` and
-normalized. A file without usable audio (no stream, silent, under 1 s) is used visual-only, one
-without video audio-only.
+normalized. Frames are made square, sampled and the audio down-mixed as the run's config.json
+says (data.frame_resize, data.frame_span, data.downmix; defaults crop, first, mean). A file
+without usable audio (no stream, silent, under 1 s) is used visual-only, one without video
+audio-only.
 
   predictor = Predictor.load("/runs/ft")
   p = predictor.predict("clip.mp4", top_k=5)   # p.modality, p.reason, p.top, p.probs
@@ -55,6 +57,25 @@ def _dtype(config):
   return config_lib.DTYPES[config.model.get("dtype", "float32")]
 
 
+class _RunReader:
+  """What Predictor and Embedder share: the run, its restored module, and clip preparation."""
+
+  def __init__(self, run: Run, graphdef, state):
+    self.run = run
+    self.config = run.config
+    self._graphdef, self._state = graphdef, state
+
+  def prepare(self, path) -> clips.PreparedClip:
+    """A file's model inputs, made as the run's dataset made its clips where the run says how."""
+    m, data = self.config.model, self.config.get("data", {})
+    # Older runs had only crop and the first 10 s; one that names no down-mix gets the mean (the
+    # default; its dataset's earlier rule is not reproduced).
+    return clips.prepare_clip(path, audio_frames=m.audio_frames, image_size=m.image_size,
+                              frame_resize=data.get("frame_resize", "crop"),
+                              downmix=data.get("downmix") or "mean",
+                              frame_span=data.get("frame_span", "first"))
+
+
 # ----- Classification -----------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -99,15 +120,13 @@ def _pooled(graphdef, modality, state, x):
   return encoder(x[None], modality).astype(jnp.float32).mean(axis=1)[0]
 
 
-class Predictor:
+class Predictor(_RunReader):
   """Class scores of media files from a finetuning run."""
 
   def __init__(self, run: Run, graphdef, state):
-    self.run = run
-    self.config = run.config
+    super().__init__(run, graphdef, state)
     self.label_names = list(run.label_names)
     self.loss = run.config.finetune.loss
-    self._graphdef, self._state = graphdef, state
 
   @classmethod
   def load(cls, checkpoint: str) -> "Predictor":
@@ -129,12 +148,6 @@ class Predictor:
     graphdef, state = _restore_model(
         run, lambda: AVSiamClassifier(spec, rngs=nnx.Rngs(0), dtype=_dtype(config)))
     return cls(run, graphdef, state)
-
-  def prepare(self, path) -> clips.PreparedClip:
-    m, data = self.config.model, self.config.get("data", {})
-    # Frames made square as the run's dataset made them; older runs had only crop.
-    return clips.prepare_clip(path, audio_frames=m.audio_frames, image_size=m.image_size,
-                              frame_resize=data.get("frame_resize", "crop"))
 
   def probabilities(self, audio: np.ndarray | None, video: np.ndarray | None) -> np.ndarray:
     """(C,) scores of prepared inputs: audio (T, 128) and/or video (frames, S, S, 3)."""
@@ -159,15 +172,13 @@ class Predictor:
 
 # ----- Embeddings ---------------------------------------------------------------------------
 
-class Embedder:
+class Embedder(_RunReader):
   """Mean-pooled encoder features of media files, as the zero-shot retrieval eval computes them."""
 
   def __init__(self, run: Run, graphdef, state):
-    self.run = run
-    self.config = run.config
+    super().__init__(run, graphdef, state)
     self.frame = int(run.config.get("eval", {}).get("frame", 5))
     self.dim = config_lib.model_spec(run.config.model).encoder.width
-    self._graphdef, self._state = graphdef, state
 
   @classmethod
   def load(cls, checkpoint: str) -> "Embedder":
@@ -177,12 +188,6 @@ class Embedder:
     graphdef, state = _restore_model(
         run, lambda: Encoder(spec, rngs=nnx.Rngs(0), dtype=_dtype(run.config)), "encoder")
     return cls(run, graphdef, state)
-
-  def prepare(self, path) -> clips.PreparedClip:
-    m, data = self.config.model, self.config.get("data", {})
-    # Frames made square as the run's dataset made them; older runs had only crop.
-    return clips.prepare_clip(path, audio_frames=m.audio_frames, image_size=m.image_size,
-                              frame_resize=data.get("frame_resize", "crop"))
 
   def embed_inputs(self, audio: np.ndarray | None, video: np.ndarray | None):
     """(audio (D,) or None, video (D,) or None) of prepared inputs; video uses one frame."""

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from avsiam_jax import checkpoint, inference
+from avsiam_jax import checkpoint, inference, utils
 from avsiam_jax.data import media
 
 
+@utils.cli_errors(checkpoint.CheckpointError)
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m avsiam_jax.predict", description=__doc__,
@@ -26,11 +27,7 @@ def main(argv=None) -> int:
   parser.add_argument("--top_k", type=int, default=5, help="classes printed per file")
   parser.add_argument("videos", nargs="+", metavar="VIDEO")
   args = parser.parse_args(argv)
-  try:
-    predictor = inference.Predictor.load(args.checkpoint)
-  except checkpoint.CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  predictor = inference.Predictor.load(args.checkpoint)
   failed = 0
   for path in args.videos:
     try:

@@ -27,8 +27,6 @@ separate-encoder baseline of the paper's Table 5) and checks the state ratio aga
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import glob
 import json
 import os
@@ -38,7 +36,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,22 +98,6 @@ def valid_batch(paper: int, groups: int) -> int:
 
 
 # ----- One case (child process) --------------------------------------------------------------
-
-@contextlib.contextmanager
-def decoder_remat(remat: bool):
-  """Remats the decoder blocks too, until avsiam.py has a switch for it (config.model.remat
-  already reaches the encoder and multimodal blocks)."""
-  from avsiam_jax.models import avsiam, layers  # pylint: disable=g-import-not-at-top
-  saved = avsiam.layers
-  # Decoder blocks take remat only where avsiam.py does not pass it itself.
-  patched_layers = types.SimpleNamespace(**vars(layers))
-  patched_layers.Block = functools.partial(layers.Block, remat=remat)
-  try:
-    avsiam.layers = patched_layers
-    yield
-  finally:
-    avsiam.layers = saved
-
 
 def make_task(spec, separate: bool):
   """The pretraining task, or the same task with AVSep (an audio encoder of its own)."""
@@ -181,11 +162,11 @@ def run_case(case: dict, dump_dir: str, full_compile: bool) -> None:
   t0 = time.perf_counter()
   config = make_config(case)
   spec = parse(config, jax.device_count())
-  with decoder_remat(case["remat"]):
-    mesh = sharding.make_mesh(spec.mesh)
-    task = make_task(spec, case["separate"])
-    fns = state.make_train_fns(task, mesh, steps_per_epoch=100)
-    model = state.abstract_model(task)
+  mesh = sharding.make_mesh(spec.mesh)
+  task = make_task(spec, case["separate"])
+  fns = state.make_train_fns(task, mesh, steps_per_epoch=100)
+  model = state.abstract_model(task)
+  # config.model.remat reaches every block, the decoder's too (avsiam.py passes it on).
   blocks = [x for _, x in nnx.iter_graph(model) if isinstance(x, layers.Block)]
   if any(x.remat != ("full" if case["remat"] else "none") for x in blocks):
     sys.exit(f"remat {case['remat']} did not reach every block")

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from avsiam_jax import masking, pretraining, sharding, train
+from avsiam_jax import masking, pretraining, sharding, train, utils
 from avsiam_jax import state as state_lib
 from avsiam_jax.config import parse
 from benchmarks.report import command, write_section
@@ -50,10 +50,7 @@ def make_config(name: str, batch: int | None, ratios: tuple[float, ...] | None,
 
 
 def flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # one dict per program in some jax versions
-    cost = cost[0]
-  return float(cost["flops"])
+  return float(utils.cost_of(compiled)["flops"])
 
 
 def random_batch(config, sharded):

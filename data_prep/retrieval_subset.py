@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from avsiam_jax import utils
 from avsiam_jax.data import subsets
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@utils.cli_errors(ValueError, FileNotFoundError)
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m data_prep.retrieval_subset",
+                              description=__doc__.splitlines()[0])
   p.add_argument("--dataset", required=True, help="a directory written by data_prep.build")
   p.add_argument("--split", default="eval")
   p.add_argument("--name", required=True, help="the subset's name (its file name)")
@@ -26,13 +29,11 @@ def main(argv=None):
   if args.ids:
     with open(args.ids) as f:
       ids = [line.strip() for line in f if line.strip()]
-  try:
-    subset = subsets.build(args.dataset, args.split, args.name, k=args.per_class, ids=ids)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  subset = subsets.build(args.dataset, args.split, args.name, k=args.per_class, ids=ids)
   print(f"{subsets.path(args.dataset, args.name)}: {subset['num_clips']} clips of split "
         f"{args.split!r} ({subset['rule']})")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import av
 import iscc_samples  # real media (CC-BY-4.0), a test requirement
@@ -141,8 +143,9 @@ _features = nnx.jit(lambda m, x, modality: m.features(x, modality), static_argnu
 _pooled = nnx.jit(lambda enc, x, modality: enc(x, modality).mean(axis=1), static_argnums=2)
 
 
-def _prep(path, frame_resize="crop"):
-  return clips.prepare_clip(path, audio_frames=FRAMES, image_size=SIZE, frame_resize=frame_resize)
+def _prep(path, frame_resize="crop", **kw):
+  return clips.prepare_clip(path, audio_frames=FRAMES, image_size=SIZE, frame_resize=frame_resize,
+                            **kw)
 
 
 # ----- clip preparation ---------------------------------------------------------------------
@@ -165,22 +168,53 @@ def test_prepare_equals_eval_pipeline(tmp_path, frame_resize):
   np.testing.assert_array_equal(other.audio, clip.audio)
 
 
+def _stereo_video(path):
+  """1.5 s: 15 frames of changing grey, stereo PCM with L = x, R = x / 2."""
+  with av.open(path, "w") as c:
+    vs = c.add_stream("mpeg4", rate=10)
+    vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+    s = c.add_stream("pcm_s16le", rate=16000, layout="stereo")
+    for i in range(15):
+      img = np.full((48, 64, 3), 10 + 15 * i, np.uint8)
+      c.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+    c.mux(vs.encode(None))
+    x = 0.3 * np.sin(2 * np.pi * 440 * np.arange(24000) / 16000)
+    pcm = (np.stack([x, x / 2]) * 32767).astype(np.int16)
+    frame = av.AudioFrame.from_ndarray(pcm.T.reshape(1, -1).copy(), format="s16",
+                                       layout="stereo")
+    frame.sample_rate = 16000
+    c.mux(s.encode(frame))
+    c.mux(s.encode(None))
+  return path
+
+
 def test_prepare_follows_the_runs_frame_resize(runs, predictor, tmp_path):
-  # config.json's data.frame_resize (the trainer writes the dataset's); older runs: crop.
-  assert "frame_resize" not in predictor.config.get("data", {})
+  # config.json's data.frame_resize, downmix and frame_span (the dataset's); older runs: crop,
+  # the mean of the channels and the first 10 s.
+  data = predictor.config.get("data", {})
+  assert not {"frame_resize", "downmix", "frame_span"} & set(data)
   np.testing.assert_array_equal(predictor.prepare(MP4).video, _prep(MP4).video)
+  video = _stereo_video(str(tmp_path / "stereo.mkv"))
+  default = predictor.prepare(video)
+  np.testing.assert_array_equal(default.audio, _prep(video, downmix="mean").audio)
+  np.testing.assert_array_equal(default.video, _prep(video, frame_span="first").video)
   workdir = str(tmp_path / "run")
   shutil.copytree(runs["bce"][0], workdir)
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
-  config.setdefault("data", {})["frame_resize"] = "squash"
+  config.setdefault("data", {}).update(frame_resize="squash", downmix="first", frame_span="whole")
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config, f)
-  squash = _prep(MP4, "squash").video
+  want = _prep(video, "squash", downmix="first", frame_span="whole")
+  assert np.abs(want.audio - default.audio).mean() > 0.05  # 0.75 x vs x
   for cls in (inference.Predictor, inference.Embedder):
-    np.testing.assert_array_equal(cls.load(workdir).prepare(MP4).video, squash)
+    got = cls.load(workdir).prepare(video)
+    np.testing.assert_array_equal(got.video, want.video)
+    np.testing.assert_array_equal(got.audio, want.audio)
   with pytest.raises(ValueError, match="frame_resize 'nope'"):
     _prep(MP4, "nope")
+  with pytest.raises(ValueError, match="downmix 'nope'"):
+    _prep(MP4, downmix="nope")
 
 
 def test_prepare_fallbacks_and_errors(media_files, tmp_path):
@@ -287,6 +321,29 @@ def test_predict_cli(runs, media_files, capsys):
   assert len([l for l in out.splitlines() if l.startswith("  ")]) == 4  # 2 classes x 2 files
   errors = err.strip().splitlines()
   assert len(errors) == 1 and media_files["broken"] in errors[0] and "unreadable" in errors[0]
+  assert predict.main(["--checkpoint", runs["bce"][0], "--top_k", "1", GIF]) == 0
+
+
+def test_predict_and_embed_cli_bad_checkpoint_is_one_line(runs, tmp_path, capsys):
+  missing, out = str(tmp_path / "no"), str(tmp_path / "e.npz")
+  # A pretraining run cannot classify; a missing directory is no run.
+  for cli, args in [(predict, ["--checkpoint", runs["pre"][0]]),
+                    (predict, ["--checkpoint", missing]),
+                    (embed, ["--checkpoint", missing, "--out", out])]:
+    assert cli.main(args + [MP4]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and args[1] in err[0]
+  assert not os.path.exists(out)
+
+
+def test_predict_module_exits_non_zero_when_a_file_fails(runs, media_files):
+  # The module's own exit status; nothing is compiled, as the one file fails to decode.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  p = subprocess.run([sys.executable, "-m", "avsiam_jax.predict", "--checkpoint",
+                      runs["bce"][0], media_files["broken"]], cwd=root, capture_output=True,
+                     text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert p.returncode == 1, p.stderr
+  assert media_files["broken"] in p.stderr and "Traceback" not in p.stderr
 
 
 # ----- embeddings ---------------------------------------------------------------------------
@@ -302,7 +359,7 @@ def test_embed_cli(runs, media_files, tmp_path, capsys):
   rc = embed.main(["--checkpoint", runs["pre"][0], "--out", out, str(folder),
                    media_files["wav"]])
   err = capsys.readouterr().err
-  assert rc == 0
+  assert rc == 1  # c.mp4 skipped; the others are in the file
   assert "c.mp4" in err and "unreadable" in err
   z = np.load(out)
   want_paths = [str(folder / "a.gif"), str(folder / "sub" / "b.mp4"), media_files["wav"]]
@@ -328,6 +385,11 @@ def test_embed_cli(runs, media_files, tmp_path, capsys):
   assert embed.main(["--checkpoint", runs["pre"][0], "--out", out,
                      media_files["broken"]]) == 1
   assert np.load(out)["paths"].shape == (0,)
+  assert embed.main(["--checkpoint", runs["pre"][0], "--out", out, MP4]) == 0
+  assert np.load(out)["paths"].tolist() == [MP4]
+  with pytest.raises(SystemExit) as e:  # found before any file is embedded
+    embed.main(["--checkpoint", runs["pre"][0], "--out", str(tmp_path / "no" / "e.npz"), MP4])
+  assert e.value.code == 2 and str(tmp_path / "no") in capsys.readouterr().err
 
 
 def test_embedder_on_finetune_run(runs):

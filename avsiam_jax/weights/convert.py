@@ -22,14 +22,13 @@ import argparse
 import csv
 import dataclasses
 import io
-import json
 import os
 import shutil
 import sys
 
 import numpy as np
 
-from avsiam_jax import trees
+from avsiam_jax import trees, utils
 from avsiam_jax.data import records
 from avsiam_jax.models.avsiam import AVSiamSpec
 from avsiam_jax.models.vit import EncoderSpec, encoder_spec
@@ -57,11 +56,6 @@ def _empty_out(out: str, overwrite: bool) -> str:
     shutil.rmtree(out)
   os.makedirs(out, exist_ok=True)
   return out
-
-
-def _write_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=1)
 
 
 def _record(src, fmt, spec, variant, seed, new, info) -> dict:
@@ -102,7 +96,7 @@ def convert(src: str, fmt: str, out: str, *, spec: AVSiamSpec, variant: str | No
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(os.path.join(out, load.PARAMS_DIR), _str_keys(new))
   meta = _record(src, fmt, spec, variant, seed, new, info)
-  _write_json(os.path.join(out, load.META_FILE), meta)
+  utils.write_json(os.path.join(out, load.META_FILE), meta)
   return meta
 
 
@@ -167,15 +161,15 @@ def convert_classifier(src: str, out: str, *, spec: AVSiamSpec, variant: str, la
       lambda: AVSiamClassifier(cspec, rngs=nnx.Rngs(0))), nnx.Param))
   new, info = load.convert_source(src, "avsiam", spec, target, tensors=flat)
   out = _empty_out(out, overwrite)
-  _write_json(os.path.join(out, checkpoint.CONFIG_FILE),
-              run_config(spec, variant, loss, frame_resize))
-  _write_json(os.path.join(out, checkpoint.LABELS_FILE), names)
+  utils.write_json(os.path.join(out, checkpoint.CONFIG_FILE),
+                   run_config(spec, variant, loss, frame_resize))
+  utils.write_json(os.path.join(out, checkpoint.LABELS_FILE), names)
   ckpt = checkpoint.Checkpointer(os.path.join(out, "checkpoints"), every_steps=0, keep=1)
   ckpt.save(0, {"params": new, "step": np.int32(0)}, {"converted_from": os.path.abspath(src)})
   ckpt.close()
   meta = dict(_record(src, "avsiam", spec, variant, 0, new, info), layout="run", loss=loss,
               num_classes=n, labels=os.path.abspath(labels), frame_resize=frame_resize)
-  _write_json(os.path.join(out, load.META_FILE), meta)
+  utils.write_json(os.path.join(out, load.META_FILE), meta)
   return meta
 
 
@@ -208,7 +202,7 @@ def spec_from_args(a: argparse.Namespace) -> AVSiamSpec:
                  else AVSiamSpec.decoder_norm_eps)
   return AVSiamSpec(encoder=enc, mm_depth=a.mm_depth, decoder_width=a.decoder_width,
                     decoder_depth=a.decoder_depth, decoder_heads=a.decoder_heads,
-                    decoder_norm_eps=dec_eps)
+                    decoder_norm_eps=dec_eps, mm_norm=a.mm_norm)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -250,12 +244,18 @@ def parser() -> argparse.ArgumentParser:
   g.add_argument("--decoder-heads", type=int, default=16)
   g.add_argument("--decoder-norm-eps", type=float, default=None,
                  help="default: 1e-5 for --format avsiam (released), else 1e-6")
+  g.add_argument("--mm-norm", action=argparse.BooleanOptionalAction, default=True,
+                 help="a LayerNorm between the multimodal blocks and the decoder (the released "
+                 "model has none: --no-mm-norm); default on, a fresh one for --format avsiam")
   return p
 
 
 def main(argv=None) -> int:
   a = parser().parse_args(argv)
-  spec = spec_from_args(a)
+  try:
+    spec = spec_from_args(a)
+  except ValueError as e:  # the model switches do not make a model (e.g. an unknown variant)
+    parser().error(str(e))
   if a.labels:
     if a.format != "avsiam" or a.drop_heads:
       parser().error("--labels converts a finetuned AVSiam classifier: --format avsiam, without "
@@ -285,4 +285,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # A bad source file or output directory in one line; main() itself raises them for callers.
+  sys.exit(utils.cli_errors(WeightError, FileNotFoundError, FileExistsError)(main)())
