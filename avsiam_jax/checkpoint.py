@@ -22,8 +22,8 @@ from avsiam_jax.weights import load
 
 CONFIG_FILE, LABELS_FILE = "config.json", "label_names.json"
 HINT = ("was it written with another config.model (variant, image_size, audio_frames, mel_bins, "
-        "mm_depth, decoder_*) or config.pretrain.separate_optimizers? Resume with the config it "
-        "was trained with, or use a fresh workdir")
+        "mm_depth, mm_norm, decoder_*) or config.pretrain.separate_optimizers? Resume with the "
+        "config it was trained with, or use a fresh workdir")
 
 
 class CheckpointError(ValueError):

@@ -27,6 +27,9 @@ MODES = ("pretrain", "finetune", "eval", "pretrain+finetune")
 STAGES = {"pretrain": ("pretrain",), "finetune": ("finetune",), "eval": (),
           "pretrain+finetune": ("pretrain", "finetune")}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# What the early-stop counter counts epochs since (selection.py): the best of the selection
+# metric, or the best audio-visual mAP (the release, even when top-1 selects the best epoch).
+EARLY_STOP_METRICS = ("selection", "mAP")
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch is split over every mesh axis that holds different examples.
 BATCH_AXES = ("data", "fsdp")
@@ -76,6 +79,7 @@ class PretrainSpec:
   batch_shards: int  # data shards the ratio groups are formed in (the masking layout)
   schedule: Schedule
   pack_groups: bool  # ratio groups packed into rows: one encoder call per modality
+  contrastive: str   # losses.CONTRASTIVE_DIRECTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,8 @@ class FinetuneSpec:
   freqm: int
   timem: int
   modality_mix: tuple[float, float, float]  # audio-visual, audio-only, visual-only
+  modality_shards: int  # consecutive parts of the batch, each with its own modality draw
+  eval_scores: str      # losses.EVAL_SCORES
   schedule: Schedule
 
 
@@ -127,6 +133,7 @@ class EvalSpec:
   retrieval_subset: str = ""  # a subset of the eval split (data/subsets.py) for retrieval
   every_epoch: bool = False   # evaluate each epoch, keep the best (model selection)
   early_stop_epochs: int = 0  # with every_epoch: stop after this many epochs without a gain
+  early_stop_metric: str = "selection"  # EARLY_STOP_METRICS: a gain of what
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +225,9 @@ def model_spec(model, platform: str | None = None, num_devices: int = 1) -> AVSi
     raise ConfigError(f"config.model: {e}") from None
   return AVSiamSpec(encoder=enc, mm_depth=m["mm_depth"], decoder_width=m["decoder_width"],
                     decoder_depth=m["decoder_depth"], decoder_heads=m["decoder_heads"],
-                    decoder_norm_eps=m["decoder_norm_eps"])
+                    decoder_norm_eps=m["decoder_norm_eps"],
+                    # Run directories written before the switch had the norm.
+                    mm_norm=bool(m.get("mm_norm", True)))
 
 
 def weights_model(c) -> tuple[dict, dict]:
@@ -322,9 +331,13 @@ def _pretrain(c, data_shards: int, check: bool) -> PretrainSpec:
       mae_stop_gradient=bool(p.mae_stop_gradient),
       separate_optimizers=bool(p.separate_optimizers), accum_steps=c.accum_steps,
       batch_shards=int(shards), schedule=_schedule(c, "", data_shards, check),
-      pack_groups=bool(p.get("pack_groups", True)))
+      pack_groups=bool(p.get("pack_groups", True)),
+      contrastive=str(p.contrastive))
   if not check:
     return spec
+  if spec.contrastive not in losses.CONTRASTIVE_DIRECTIONS:
+    _fail("pretrain.contrastive", f"must be one of {losses.CONTRASTIVE_DIRECTIONS}, got "
+          f"{spec.contrastive!r}")
   if not ratios:
     _fail("pretrain.mask_ratios", "is empty")
   for field, values in (("mask_ratios", ratios), ("mae_mask_ratio", (spec.mae_mask_ratio,))):
@@ -355,17 +368,27 @@ def _finetune(c, data_shards: int, check: bool) -> FinetuneSpec:
       head_lr_mult=float(f.head_lr_mult), mm_lr_mult=float(f.mm_lr_mult),
       balanced=bool(f.balanced), mixup=float(f.mixup), label_smoothing=float(f.label_smoothing),
       freqm=int(f.freqm), timem=int(f.timem),
-      modality_mix=tuple(float(p) for p in f.modality_mix),
-      schedule=_schedule(f, "finetune.", data_shards, check))
+      modality_mix=tuple(float(p) for p in f.modality_mix), modality_shards=f.modality_shards,
+      eval_scores=f.eval_scores, schedule=_schedule(f, "finetune.", data_shards, check))
   if spec.loss not in losses.CLASSIFICATION_LOSSES:
     _fail("finetune.loss", "must be 'bce' (multi-label) or 'ce' (single-label), got "
           f"{spec.loss!r}")
+  if spec.eval_scores not in losses.EVAL_SCORES:
+    _fail("finetune.eval_scores", f"must be one of {losses.EVAL_SCORES} ('loss': sigmoid for "
+          f"bce, softmax for ce), got {spec.eval_scores!r}")
   if not check:
     return spec
   mix = spec.modality_mix
   if len(mix) != 3 or min(mix) < 0 or abs(sum(mix) - 1) > 1e-6:
     _fail("finetune.modality_mix", "must be three probabilities (audio-visual, audio-only, "
           f"visual-only) summing to 1, got {mix}")
+  n, batch = spec.modality_shards, spec.schedule.batch_size
+  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    _fail("finetune.modality_shards", f"must be a positive integer (1: one modality draw per "
+          f"step), got {n!r}")
+  if batch % n:
+    _fail("finetune.modality_shards", f"{n} does not divide the finetuning batch of {batch} "
+          "(config.finetune.batch_size); each part draws its modality for an equal share")
   if spec.head_lr_mult <= 0 or spec.mm_lr_mult < 0:
     _fail("finetune.head_lr_mult", f"({spec.head_lr_mult}) must be positive and "
           f"config.finetune.mm_lr_mult ({spec.mm_lr_mult}) non-negative")
@@ -381,9 +404,13 @@ def _eval(c, data_shards: int) -> EvalSpec:
                   frame=int(e.frame), plot_classes=int(e.plot_classes),
                   retrieval_subset=str(e.get("retrieval_subset", "")),
                   every_epoch=bool(e.get("every_epoch", False)),
-                  early_stop_epochs=int(e.get("early_stop_epochs", 0)))
+                  early_stop_epochs=int(e.get("early_stop_epochs", 0)),
+                  early_stop_metric=str(e.early_stop_metric))
   if spec.early_stop_epochs < 0:
     _fail("eval.early_stop_epochs", f"must be >= 0 (0: never), got {spec.early_stop_epochs}")
+  if spec.early_stop_metric not in EARLY_STOP_METRICS:
+    _fail("eval.early_stop_metric", f"must be one of {EARLY_STOP_METRICS} ('mAP': epochs since "
+          f"the best audio-visual mAP, as released), got {spec.early_stop_metric!r}")
   if spec.batch_size <= 0 or spec.batch_size % data_shards:
     _fail("eval.batch_size", f"{spec.batch_size} must be a positive multiple of the "
           f"{data_shards} devices that split the batch (mesh data x fsdp)")

@@ -1,5 +1,6 @@
 """Finetuning: the classifier on the pretrained encoder, trained on a random input modality per
-step (audio-visual, audio-only or visual-only), as a trainer task."""
+step (audio-visual, audio-only or visual-only), or per part of the step's batch
+(finetune.modality_shards), as a trainer task."""
 from __future__ import annotations
 
 import jax
@@ -38,30 +39,55 @@ def branch_index(key, modality_mix):
                           side="right")
 
 
+def branch_draws(key, modality_mix, shards: int):
+  """A step's branches: one index (shards 1, as branch_index), else (shards,), one per
+  consecutive part of the batch, each drawn from its own key split from `key`."""
+  if shards == 1:
+    return branch_index(key, modality_mix)
+  return jax.vmap(lambda k: branch_index(k, modality_mix))(jax.random.split(key, shards))
+
+
 def finetune_loss(params, graphdef, batch, branch, kind: str):
+  """The loss of the drawn branch; with one branch per part (branch of shape (N,)), the mean
+  over the N equal parts of each part's loss with its branch (DDP's mean over GPUs)."""
   model = nnx.merge(graphdef, params)
   audio, video = batch["audio"], batch["video"]
-  logits = jax.lax.switch(branch, [lambda: model(audio, video), lambda: model(audio, None),
-                                   lambda: model(None, video)])
+  if jnp.ndim(branch) == 0:
+    logits = jax.lax.switch(branch, [lambda: model(audio, video), lambda: model(audio, None),
+                                     lambda: model(None, video)])
+    return losses.classification_loss(logits, batch["labels"], kind)
+  # One pass gives every clip all three logits; each clip keeps its part's. Equal parts: the
+  # mean over clips is the mean of the part means.
+  av, a, v = model.branch_logits(audio, video)
+  rows = jnp.repeat(branch, audio.shape[0] // branch.shape[0])[:, None]
+  logits = jnp.where(rows == 0, av, jnp.where(rows == 1, a, v))
   return losses.classification_loss(logits, batch["labels"], kind)
 
 
 def train_step(state, batch, base_key, *, graphdef, groups, schedule, f: FinetuneSpec):
-  branch = branch_index(jax.random.fold_in(base_key, state["step"]), f.modality_mix)
+  branch = branch_draws(jax.random.fold_in(base_key, state["step"]), f.modality_mix,
+                        f.modality_shards)
   loss, grads = jax.value_and_grad(finetune_loss)(state["params"], graphdef, batch, branch,
                                                   f.loss)
   params, opt = optim.apply_group(groups["total"], grads, state["opt"]["total"],
                                   state["params"])
-  metrics = {"loss": loss, "branch": branch, "grad_norm": optax.tree.norm(grads),
-             "lr": schedule(state["step"])}
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+  if f.modality_shards == 1:
+    metrics["branch"] = branch
+  else:
+    # The first part's branch, and how many parts drew each.
+    metrics["branch"] = branch[0]
+    metrics.update({f"parts/{name}": jnp.sum(branch == i) for i, name in enumerate(BRANCHES)})
   return {"params": params, "opt": {"total": opt}, "step": state["step"] + 1}, metrics
 
 
-def classifier_eval_step(params, batch, *, graphdef, kind: str, frame: int):
-  """Clip probabilities per input (frames aggregated) and the retrieval features."""
+def classifier_eval_step(params, batch, *, graphdef, kind: str, frame: int,
+                         scores: str = "loss"):
+  """Clip probabilities per input (frames aggregated) and the retrieval features; scores
+  (losses.EVAL_SCORES): the loss `kind`'s, or a sigmoid for any loss, taken per frame."""
   model = nnx.merge(graphdef, params)
   logits, feats = model.clip_outputs(batch["audio"], batch["video"])
-  probs = lambda x: losses.probabilities(x, kind)
+  probs = lambda x: losses.eval_probabilities(x, kind, scores)
   return {"probs_a": probs(logits["a"]),
           "probs_v": aggregate_frames(probs(logits["v"])),
           "probs_av": aggregate_frames(probs(logits["av"])),
@@ -113,8 +139,9 @@ class FinetuneTask:
                       f=self.spec.finetune)
 
   def eval_step(self, params, batch, *, graphdef):
-    return classifier_eval_step(params, batch, graphdef=graphdef, kind=self.spec.finetune.loss,
-                                frame=self.spec.eval.frame)
+    f = self.spec.finetune
+    return classifier_eval_step(params, batch, graphdef=graphdef, kind=f.loss,
+                                frame=self.spec.eval.frame, scores=f.eval_scores)
 
   def train_iterator(self, ds_dir: str, **common):
     f = self.spec.finetune
@@ -124,6 +151,9 @@ class FinetuneTask:
 
   @staticmethod
   def log_fields(metrics) -> str:
+    if f"parts/{BRANCHES[0]}" in metrics:  # modality_shards > 1
+      return "this step's parts " + ", ".join(f"{name} {int(metrics[f'parts/{name}'])}"
+                                              for name in BRANCHES)
     return f"this step {BRANCHES[int(metrics['branch'])]}"
 
   def init_source(self) -> str:

@@ -72,7 +72,7 @@ def pretrain_losses(params, graphdef, batch, key, p: PretrainSpec, which: str):
                               p.pack_groups)
     fv = multi_ratio_features(model, batch["video"], "v", k_v, p.mask_ratios, p.batch_shards,
                               p.pack_groups)
-    parts["contrastive"] = losses.contrastive_loss(fa, fv, p.tau)
+    parts["contrastive"] = losses.contrastive_loss(fa, fv, p.tau, p.contrastive)
   if which in ("total", "reconstruction"):
     parts["reconstruction"] = model.reconstruction_loss(
         batch["audio"], batch["video"], k_rec, mask_ratio=p.mae_mask_ratio,
@@ -121,7 +121,7 @@ def accumulated_losses_and_grads(params, graphdef, batch, key, p: PretrainSpec, 
     full = {mod: masking.untake_groups([masking.join_micro(f, batch_shards) for f in feats[mod]],
                                        masks[mod][0]) for mod in masks}
     parts["contrastive"], (dfa, dfv) = jax.value_and_grad(
-        losses.contrastive_loss, argnums=(0, 1))(full["a"], full["v"], p.tau)
+        losses.contrastive_loss, argnums=(0, 1))(full["a"], full["v"], p.tau, p.contrastive)
     # Feature gradients in group order, so micro-batch m's are micro(., m) of each group.
     d_groups = {mod: [masking.take_group(d, masks[mod][0], k) for k in range(len(ratios))]
                 for mod, d in (("a", dfa), ("v", dfv))}

@@ -1,5 +1,6 @@
 """Model selection as the released finetuning does it: evaluate every epoch, keep the best
-epoch's checkpoint and figures, stop after a number of epochs without improvement.
+epoch's checkpoint and figures, stop after a number of epochs without improvement (of the
+selection metric, or of the audio-visual mAP as the release counts).
 
 The best checkpoint is a run directory of its own, WORKDIR/best (config.json, label names,
 checkpoints/<step>), so `Predictor.load(WORKDIR/best)` and finetuning from it work as for any
@@ -15,6 +16,7 @@ from typing import Any
 import jax
 
 from avsiam_jax import checkpoint
+from avsiam_jax.config import EARLY_STOP_METRICS
 
 
 def score(results: dict[str, Any], loss: str | None) -> tuple[str, float]:
@@ -27,19 +29,39 @@ def score(results: dict[str, Any], loss: str | None) -> tuple[str, float]:
   return "retrieval/mean_r1", (float(r["v2a_r1"]) + float(r["a2v_r1"])) / 2
 
 
-class BestTracker:
-  """Per-epoch results in, the best epoch's checkpoint and results kept."""
+def av_map(results: dict[str, Any]) -> float | None:
+  """The audio-visual mAP of an epoch's results; None for a model without one (pretraining)."""
+  av = results.get("audio-visual") if results else None
+  return None if av is None else float(av["mAP"])
 
-  def __init__(self, workdir: str, patience: int):
+
+class BestTracker:
+  """Per-epoch results in, the best epoch's checkpoint and results kept.
+
+  early_stop_metric "mAP" counts patience from the best audio-visual mAP; results without one
+  (a pretraining stage) count on the selection metric.
+  """
+
+  def __init__(self, workdir: str, patience: int, early_stop_metric: str = "selection"):
+    if early_stop_metric not in EARLY_STOP_METRICS:
+      raise ValueError(f"early_stop_metric must be one of {EARLY_STOP_METRICS}, got "
+                       f"{early_stop_metric!r}")
     self.workdir = workdir
     self.dir = os.path.join(workdir, "best")
     self.path = os.path.join(self.dir, "selection.json")
     self.patience = patience
+    self.early_stop_metric = early_stop_metric
     self.state = {"best_step": None, "best_epoch": None, "metric": None, "best_score": None,
-                  "best_results": None, "epochs_since_best": 0}
+                  "best_results": None, "epochs_since_best": 0, "best_mAP": None,
+                  "epochs_since_best_mAP": 0}
     if os.path.exists(self.path):
       with open(self.path) as f:
-        self.state = json.load(f)
+        stored = json.load(f)
+      if "best_mAP" not in stored:
+        # Written before the mAP counter: the best epoch's mAP and its count are what is known.
+        stored.update(best_mAP=av_map(stored.get("best_results")),
+                      epochs_since_best_mAP=stored.get("epochs_since_best", 0))
+      self.state = stored
     self.ckpt = checkpoint.Checkpointer(os.path.join(self.dir, "checkpoints"), every_steps=0,
                                         keep=1)
 
@@ -60,20 +82,34 @@ class BestTracker:
                         best_results=results, epochs_since_best=0)
     else:
       self.state["epochs_since_best"] += 1
+    m = av_map(results)
+    if m is not None:
+      if self.state["best_mAP"] is None or m > self.state["best_mAP"]:
+        self.state.update(best_mAP=m, epochs_since_best_mAP=0)
+      else:
+        self.state["epochs_since_best_mAP"] += 1
     if jax.process_index() == 0:
       with open(self.path, "w") as f:
         json.dump(self.state, f, indent=1)
     return improved
 
   @property
+  def epochs_without_gain(self) -> int:
+    """The early-stop counter: epochs since the best of early_stop_metric."""
+    if self.early_stop_metric == "mAP" and self.state["best_mAP"] is not None:
+      return self.state["epochs_since_best_mAP"]
+    return self.state["epochs_since_best"]
+
+  @property
   def stop(self) -> bool:
-    return 0 < self.patience <= self.state["epochs_since_best"]
+    return 0 < self.patience <= self.epochs_without_gain
 
   def summary(self, stopped_early: bool) -> dict[str, Any]:
     """What results.json says about the selection."""
     return {"every_epoch": True, "metric": self.state["metric"],
             "best_step": self.state["best_step"], "best_epoch": self.state["best_epoch"],
             "best_score": self.state["best_score"], "early_stop_epochs": self.patience,
+            "early_stop_metric": self.early_stop_metric,
             "stopped_early": stopped_early, "checkpoint": self.dir,
             "note": "figures of the best epoch on the eval split, which also selected it"}
 

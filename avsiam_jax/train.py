@@ -152,6 +152,8 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
   record = spec.record()
   # How the dataset's frames were made, so inference prepares files the same way.
   record["data"]["frame_resize"] = info.get("frames", {}).get("resize", "crop")
+  record["data"]["frame_span"] = info.get("frames", {}).get("span", "first")
+  record["data"]["downmix"] = info.get("fbank", {}).get("downmix")  # None: the earlier rule
   _write_json(os.path.join(workdir, checkpoint.CONFIG_FILE), record)
   if label_names:
     _write_json(os.path.join(workdir, checkpoint.LABELS_FILE), label_names)
@@ -187,8 +189,8 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
 
   # ----- Eval -------------------------------------------------------------------------------
   evaluator = Evaluator(spec, ds_dir, fns.eval_step, mesh)
-  best = selection.BestTracker(workdir, spec.eval.early_stop_epochs) if spec.eval.every_epoch \
-      else None
+  best = selection.BestTracker(workdir, spec.eval.early_stop_epochs,
+                              spec.eval.early_stop_metric) if spec.eval.every_epoch else None
   loss = spec.finetune.loss if task.name == "finetune" else None
 
   # ----- Loop -------------------------------------------------------------------------------
@@ -216,7 +218,8 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
                      train_iter.get_state()):
         logging.info("Epoch %d: %s %.4f, the best so far", step // steps_per_epoch, *metric)
       if best.stop:
-        logging.info("Stopping early: no gain for %d epochs", spec.eval.early_stop_epochs)
+        logging.info("Stopping early: no gain for %d epochs (early_stop_metric %s)",
+                     spec.eval.early_stop_epochs, spec.eval.early_stop_metric)
         total_steps = step
     stopping = stop(step)
     if ckpt.due(step) or step == total_steps or stopping:
@@ -259,6 +262,7 @@ def evaluate_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
   stage = "finetune" if trained.config.get("mode") == "finetune" else "pretrain"
   ds_dir, info = _dataset(spec, workdir, stage)
   if stage == "finetune":
+    # The run's loss says what its logits mean; finetune.eval_scores stays this command's choice.
     loss = trained.config.get("finetune", {}).get("loss", spec.finetune.loss)
     spec = dataclasses.replace(spec, finetune=dataclasses.replace(spec.finetune, loss=loss))
   task = make_task(spec, stage, len(info.get("label_names", [])))

@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from avsiam_jax import finetuning, sharding, train
+from avsiam_jax import finetuning, losses, optim, sharding, train
 from avsiam_jax.config import ConfigError, parse
+from avsiam_jax.models.classifier import AVSiamClassifier
 from conftest import build
 from avsiam_jax.evaluators import classification
 from configs import common
+from tests.test_model import random_params
+from tests.test_sharding import compile_fast
 from tests.test_train import tiny_config
 
 
@@ -202,3 +205,145 @@ def test_every_epoch_keeps_the_best_epoch_and_stops_early(tmp_path, dataset, pre
   assert inference.Predictor.load(sel["checkpoint"]).label_names
   # A restart does not train on after the early stop.
   assert train.run(config, work)["step"] == 2 * spe
+
+
+# ----- modality draws per part of the batch (finetune.modality_shards) ----------------------
+
+def _classifier(config, num_classes=4):
+  spec = parse(config, 1)
+  task = finetuning.FinetuneTask(spec, num_classes)
+  return spec, task, random_params(lambda: task.model(nnx.Rngs(0)))
+
+
+def _finetune_batch(n, num_classes=4, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"audio": rng.normal(size=(n, 32, 128)).astype(np.float32),
+          "video": rng.normal(size=(n, 32, 32, 3)).astype(np.float32),
+          "labels": np.eye(num_classes, dtype=np.float32)[rng.integers(num_classes, size=n)]}
+
+
+def test_modality_shards_mean_of_part_losses():
+  shards, mix, loss = 3, (0.4, 0.3, 0.3), "bce"
+  config = finetune_config("unused", loss=loss, modality_shards=shards, modality_mix=mix,
+                           batch_size=12)
+  spec, _, (graphdef, params) = _classifier(config)
+  assert spec.finetune.modality_shards == shards
+  batch = _finetune_batch(12)
+  # A key whose three parts draw the three branches, from keys split off it.
+  key = next(k for k in (jax.random.key(i) for i in range(100))
+             if len(set(np.asarray(finetuning.branch_draws(k, mix, shards)).tolist())) == 3)
+  branches = np.asarray(finetuning.branch_draws(key, mix, shards))
+  want_branches = [int(finetuning.branch_index(k, mix)) for k in jax.random.split(key, shards)]
+  assert branches.tolist() == want_branches
+
+  def reference(q):
+    """Each part through the model call of its branch: the per-part losses."""
+    model = nnx.merge(graphdef, q)
+    out = []
+    for part, b in enumerate(branches.tolist()):
+      rows = slice(4 * part, 4 * part + 4)
+      a, v = batch["audio"][rows], batch["video"][rows]
+      call = (lambda: model(a, v), lambda: model(a, None), lambda: model(None, v))[b]
+      out.append(losses.classification_loss(call(), batch["labels"][rows], loss))
+    return out
+
+  def mean_of_parts(q):
+    parts = reference(q)
+    return sum(parts) / shards, parts
+
+  def both(q):
+    got = jax.value_and_grad(finetuning.finetune_loss)(q, graphdef, batch, branches, loss)
+    return (got, *jax.grad(mean_of_parts, has_aux=True)(q))
+  (got_loss, got_grads), want_grads, parts = jax.device_get(
+      compile_fast(jax.jit(both), params)(params))
+  # The mean of the per-part losses, in float64.
+  np.testing.assert_allclose(got_loss, np.mean(np.asarray(parts, np.float64)), rtol=1e-6,
+                             atol=1e-6)
+  for path, g in jax.tree_util.tree_leaves_with_path(got_grads):
+    w = want_grads
+    for k in path:
+      w = w[k.key]
+    np.testing.assert_allclose(g, w, rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  # Every head got a gradient: each branch was drawn.
+  for head in finetuning.HEADS:
+    assert float(np.abs(got_grads[head]["dense"]["kernel"]).max()) > 0, head
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+def test_modality_draws_of_the_train_step(monkeypatch, shards):
+  """The step draws from its key folded with the step: one branch (1), or one per part from
+  keys split off it; the metrics and the log line report them."""
+  mix = (0.4, 0.3, 0.3)
+  config = finetune_config("unused", modality_shards=shards, modality_mix=mix)
+  spec, task, (graphdef, params) = _classifier(config)
+  seen = []
+
+  def fake_loss(q, graphdef, batch, branch, kind):  # a loss that is the branches, no model
+    seen.append(jnp.shape(branch))
+    return sum(jnp.sum(x) for x in jax.tree.leaves(q)) * 0 + jnp.sum(
+        (branch + 1) * 10.0 ** jnp.arange(jnp.size(branch)))
+  monkeypatch.setattr(finetuning, "finetune_loss", fake_loss)
+  groups = optim.make_groups(spec.optim, lambda s: 0.0, {"total": tuple(params)})
+  state = {"params": params, "opt": {"total": groups["total"].tx.init(params)},
+           "step": jnp.asarray(3, jnp.int32)}
+  base = jax.random.key(7)
+  step = jax.jit(lambda s, b: task.train_step(s, b, base, graphdef=graphdef, groups=groups,
+                                              schedule=lambda s: 0.0))
+  _, metrics = jax.device_get(step(state, _finetune_batch(16)))
+  key = jax.random.fold_in(base, 3)
+  if shards == 1:
+    assert seen == [()]
+    branch = int(finetuning.branch_index(key, mix))
+    assert float(metrics["loss"]) == branch + 1 and int(metrics["branch"]) == branch
+    assert not any(k.startswith("parts/") for k in metrics)
+    assert task.log_fields(metrics) == f"this step {finetuning.BRANCHES[branch]}"
+    return
+  assert seen == [(shards,)]
+  branches = [int(finetuning.branch_index(k, mix)) for k in jax.random.split(key, shards)]
+  assert float(metrics["loss"]) == sum((b + 1) * 10 ** i for i, b in enumerate(branches))
+  assert int(metrics["branch"]) == branches[0]
+  counts = {name: int(metrics[f"parts/{name}"]) for name in finetuning.BRANCHES}
+  assert list(counts.values()) == np.bincount(branches, minlength=3).tolist()
+  assert task.log_fields(jax.tree.map(float, metrics)) == (
+      "this step's parts " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+@pytest.mark.parametrize("value,message", [
+    (3, r"config\.finetune\.modality_shards: 3 does not divide the finetuning batch of 16"),
+    (0, r"config\.finetune\.modality_shards: must be a positive integer"),
+    (True, r"config\.finetune\.modality_shards: must be a positive integer")])
+def test_bad_modality_shards(value, message):
+  with pytest.raises(ConfigError, match=message):
+    parse(finetune_config("unused", modality_shards=value), 8)
+
+
+# ----- evaluation scores (finetune.eval_scores) ---------------------------------------------
+
+def test_eval_scores_sigmoid_changes_top1_through_the_eval_step(monkeypatch):
+  # Two kinds of frames, five each: (3, 0) and (-10, -5). Softmax per frame, then the mean,
+  # favours class 1 (0.48 vs 0.52); a sigmoid per frame favours class 0 (0.48 vs 0.25).
+  frames = np.array([[3.0, 0.0]] * 5 + [[-10.0, -5.0]] * 5)  # (10, 2)
+  logits = {"a": frames[:1], "v": frames[None], "av": frames[None, ::-1]}
+  feats = {"a": np.zeros((1, 8), np.float32), "v": np.zeros((1, 10, 8), np.float32)}
+  monkeypatch.setattr(AVSiamClassifier, "clip_outputs", lambda self, audio, video: (
+      {k: jnp.asarray(x, jnp.float32) for k, x in logits.items()}, feats))
+  batch = {"audio": np.zeros((1, 32, 128), np.float32),
+           "video": np.zeros((1, 10, 32, 32, 3), np.float32)}
+  label = np.array([[0.0, 1.0]])
+  sigmoid = lambda x: 1 / (1 + np.exp(-x))
+  softmax = lambda x: np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+  top1 = {}
+  for scores, fn in (("loss", softmax), ("sigmoid", sigmoid)):
+    config = finetune_config("unused", loss="ce", eval_scores=scores)
+    spec, task, (graphdef, params) = _classifier(config, num_classes=2)
+    assert spec.finetune.eval_scores == scores
+    out = jax.device_get(task.eval_step(params, batch, graphdef=graphdef))
+    np.testing.assert_allclose(out["probs_av"], fn(frames[::-1]).mean(0, keepdims=True),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out["probs_v"], fn(frames).mean(0, keepdims=True), rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(out["probs_a"], fn(frames[:1]), rtol=1e-5, atol=1e-7)
+    top1[scores] = classification.top1_accuracy(out["probs_av"], label)
+  assert top1 == {"loss": 1.0, "sigmoid": 0.0}
+  with pytest.raises(ConfigError, match=r"config\.finetune\.eval_scores: must be one of"):
+    parse(finetune_config("unused", eval_scores="softmax"), 8)

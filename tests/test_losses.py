@@ -6,7 +6,7 @@ import pytest
 from avsiam_jax import losses
 
 
-def _np_contrastive(a, v, tau):
+def _np_contrastive(a, v, tau, direction="symmetric"):
   a = a / np.linalg.norm(a, axis=1, keepdims=True)
   v = v / np.linalg.norm(v, axis=1, keepdims=True)
   s = a @ v.T / tau
@@ -14,6 +14,8 @@ def _np_contrastive(a, v, tau):
     m = logits.max(1, keepdims=True)
     logp = logits - m - np.log(np.exp(logits - m).sum(1, keepdims=True))
     return -np.mean(np.diag(logp))
+  if direction == "audio_to_video":  # Eq. 1: each audio's softmax over the videos
+    return ce(s)
   return (ce(s) + ce(s.T)) / 2
 
 
@@ -24,6 +26,24 @@ def test_contrastive_matches_float64():
   got = float(losses.contrastive_loss(jnp.asarray(a, jnp.float32), jnp.asarray(v, jnp.float32), 0.05))
   want = _np_contrastive(a, v, 0.05)
   assert abs(got - want) < 1e-4 * max(1, abs(want))
+
+
+def test_audio_to_video_contrastive_matches_float64():
+  rng = np.random.default_rng(3)
+  a, v = rng.normal(size=(2, 24, 16))
+  v = v + 2 * a
+  a[0] += 3 * v[1]  # audio 0 also near video 1: the two directions' losses differ
+  a32, v32 = jnp.asarray(a, jnp.float32), jnp.asarray(v, jnp.float32)
+  got = float(losses.contrastive_loss(a32, v32, 0.05, "audio_to_video"))
+  want = _np_contrastive(a, v, 0.05, "audio_to_video")
+  assert abs(got - want) < 1e-4 * max(1, abs(want))
+  # Not the symmetric loss, nor the video -> audio direction.
+  assert abs(want - _np_contrastive(a, v, 0.05)) > 1e-2
+  assert abs(got - float(losses.contrastive_loss(v32, a32, 0.05, "audio_to_video"))) > 1e-2
+  np.testing.assert_allclose(losses.contrastive_loss(a32, v32, 0.05, "symmetric"),
+                             losses.contrastive_loss(a32, v32, 0.05), rtol=0)
+  with pytest.raises(ValueError, match="contrastive direction"):
+    losses.contrastive_loss(a32, v32, 0.05, "video_to_audio")
 
 
 def test_contrastive_is_symmetric_and_scale_invariant():

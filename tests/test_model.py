@@ -10,6 +10,17 @@ from flax import nnx
 from avsiam_jax.models import vit
 from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
 
+def random_params(make, seed=0):
+  """(graphdef, pure-dict params) of the model `make()` builds, filled from numpy: normal(0, 0.05),
+  LayerNorm scales around 1. Seconds faster on CPU than compiling the model's own initializers."""
+  abstract = nnx.eval_shape(make)
+  rng = np.random.default_rng(seed)
+  fill = lambda path, s: (rng.normal(size=s.shape, scale=0.05)
+                          + (path[-1].key == "scale")).astype(np.float32)
+  return nnx.graphdef(abstract), jax.tree_util.tree_map_with_path(
+      fill, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+
+
 # variant -> (timm ViT parameters without head, audio tokens, video tokens)
 EXPECTED = {"B/16": (85_798_656, 512, 196), "L/16": (303_301_632, 512, 196),
             "H/14": (630_764_800, 657, 256)}
@@ -148,6 +159,56 @@ def test_reconstruction_stop_gradient(stop_gradient):
   mm_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["mm_blocks"]))
   assert mm_norm > 0
   assert (enc_norm == 0) == stop_gradient
+
+
+def test_mm_norm_switch(monkeypatch):
+  """mm_norm off (the release): no such parameters, and the decoder embeds the multimodal
+  blocks' output itself; on, a LayerNorm of it (float64 numpy)."""
+  from avsiam_jax.models import layers  # pylint: disable=g-import-not-at-top
+  enc = vit.encoder_spec("test", image_size=32, audio_frames=32, mel_bins=32)
+  spec = lambda on: AVSiamSpec(enc, decoder_width=16, decoder_depth=1, decoder_heads=2,
+                               mm_norm=on)
+  graphdef_on, params = random_params(lambda: AVSiam(spec(True), rngs=nnx.Rngs(0)))
+  graphdef_off = nnx.graphdef(nnx.eval_shape(lambda: AVSiam(spec(False), rngs=nnx.Rngs(0))))
+  off = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: AVSiam(spec(False),
+                                                                 rngs=nnx.Rngs(0))), nnx.Param))
+  assert "mm_norm" in params and "mm_norm" not in off
+  assert set(off) == set(params) - {"mm_norm"}
+  params_off = {k: v for k, v in params.items() if k != "mm_norm"}
+
+  seen = {}
+  run_blocks, dense = layers.run_blocks, layers.Dense.__call__
+  def record_blocks(blocks, x, *args, **kw):
+    y = run_blocks(blocks, x, *args, **kw)
+    if blocks is seen["model"].mm_blocks:
+      seen["mm_out"] = y
+    return y
+  def record_dense(self, x):
+    if self is seen["model"].decoder_embed:
+      seen["decoder_in"] = x
+    return dense(self, x)
+  monkeypatch.setattr(layers, "run_blocks", record_blocks)
+  monkeypatch.setattr(layers.Dense, "__call__", record_dense)
+  rng = np.random.default_rng(0)
+  audio = jnp.asarray(rng.normal(size=(2, 32, 32)), jnp.float32)
+  video = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+
+  def run(graphdef, q):
+    seen["model"] = m = nnx.merge(graphdef, q)
+    loss = m.reconstruction_loss(audio, video, jax.random.key(0), mask_ratio=0.5,
+                                 stop_gradient=True)
+    return loss, seen["mm_out"], seen["decoder_in"]
+  loss_on, mm_on, dec_on = jax.jit(run, static_argnums=0)(graphdef_on, params)
+  loss_off, mm_off, dec_off = jax.jit(run, static_argnums=0)(graphdef_off, params_off)
+  np.testing.assert_array_equal(dec_off, mm_off)
+  np.testing.assert_array_equal(mm_on, mm_off)  # the same blocks, the same input
+  x = np.asarray(mm_on, np.float64)
+  eps = enc.final_norm_eps
+  norm = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+  want = norm * params["mm_norm"]["scale"] + params["mm_norm"]["bias"]
+  np.testing.assert_allclose(dec_on, want, rtol=1e-4, atol=1e-5)
+  assert np.abs(np.asarray(dec_on) - x).max() > 0.1
+  assert np.isfinite(float(loss_on)) and np.isfinite(float(loss_off))
 
 
 def test_bfloat16_compute_close_to_float32():

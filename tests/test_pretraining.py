@@ -1,10 +1,18 @@
-"""Pretraining updates: each optimizer steps only the parameters its loss reaches."""
+"""Pretraining updates: each optimizer steps only the parameters its loss reaches; the
+contrastive direction."""
 import jax
 import numpy as np
 import optax
+import pytest
+from flax import nnx
 
 from avsiam_jax import optim, pretraining, sharding
+from avsiam_jax.config import parse
+from avsiam_jax.models.avsiam import AVSiam
 from tests.conftest import build
+from tests.test_losses import _np_contrastive
+from tests.test_model import random_params
+from tests.test_sharding import compile_fast
 from tests.test_train import fixed_batch, tiny_config
 
 
@@ -67,3 +75,44 @@ def test_separate_optimizers_touch_only_what_their_loss_reaches():
   for k in ("encoder", "decoder_embed", "mm_norm"):
     moved = optax.tree.norm(jax.tree.map(np.subtract, after[k], before[k]))
     assert float(moved) > 0, k
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_contrastive_direction_reaches_both_loss_paths(accum):
+  """pretrain.contrastive in the full-batch loss and in gradient accumulation (which computes
+  the loss apart), against float64 numpy on the features the loss compares."""
+  config = tiny_config(batch=8)
+  config.pretrain.mask_ratios = (0.0, 0.5)
+  config.accum_steps = accum
+  config.eval.batch_size = 8
+  key = jax.random.key(3)
+  batch = fixed_batch(8)
+  spec = parse(config, 1).model
+  graphdef, params = random_params(lambda: AVSiam(spec, rngs=nnx.Rngs(0)))
+  specs = {}
+  for direction in ("audio_to_video", "symmetric"):
+    config.pretrain.contrastive = direction
+    specs[direction] = parse(config, 1).pretrain
+    assert specs[direction].contrastive == direction
+  p = specs["symmetric"]
+
+  def run(q, b):
+    """Each direction's loss, and the features as pretrain_losses draws them (the
+    micro-batches draw the same masks)."""
+    if accum == 1:
+      loss = lambda p: pretraining.pretrain_losses(q, graphdef, b, key, p, "contrastive")
+    else:
+      loss = lambda p: pretraining.accumulated_losses_and_grads(q, graphdef, b, key, p,
+                                                                "contrastive")[0]
+    got = {d: loss(p)[1]["contrastive"] for d, p in specs.items()}
+    m = nnx.merge(graphdef, q)
+    feats = [pretraining.multi_ratio_features(m, b[name], mod, k, p.mask_ratios, p.batch_shards,
+                                              p.pack_groups)
+             for name, mod, k in zip(("audio", "video"), "av", jax.random.split(key, 3))]
+    return got, feats
+  got, feats = compile_fast(jax.jit(run), params, batch)(params, batch)
+  feats = [np.asarray(f, np.float64) for f in feats]
+  for direction, loss in got.items():
+    want = _np_contrastive(*feats, p.tau, direction)
+    assert abs(float(loss) - want) < 1e-4 * max(1, abs(want)), (direction, loss, want)
+  assert abs(float(got["audio_to_video"]) - float(got["symmetric"])) > 1e-3

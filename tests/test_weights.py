@@ -1,4 +1,5 @@
 """Weight conversion: timm / vit_jax goldens, name variants, the audio path, released AVSiam."""
+import dataclasses
 import json
 import math
 import os
@@ -9,11 +10,13 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from avsiam_jax.config import parse
 from avsiam_jax.models import vit
 from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
 from avsiam_jax.weights import convert, load, vit_sources
 from avsiam_jax.weights.common import SpecMismatch, WeightError, read_tensors
 from conftest import data_file
+from tests.test_train import tiny_config
 
 GOLDEN = os.path.dirname(data_file("golden", "timm_vit", "meta.json"))
 TIMM = data_file("golden", "timm_vit", "vit_tiny2_timm.safetensors")
@@ -507,6 +510,50 @@ def test_cli_convert_then_load(tmp_path, capsys):
   with pytest.raises(SpecMismatch, match=r"config\.model\.double_tokens"):
     bad = release_spec(double_tokens=False)
     load.init_params(out, "converted", bad, fresh(bad)[1])
+
+
+def test_mm_norm_is_a_recorded_switch(tmp_path):
+  """Converted pretraining weights record model.mm_norm (off: the released architecture, whose
+  file then fills every leaf); a model with the other value is refused, naming the key."""
+  path = str(tmp_path / "release.safetensors")
+  save_file(fake_release(), path)
+  args = ["--format", "avsiam", "--src", path, "--variant", "test", "--image-size", "32",
+          "--audio-frames", "64", "--mel-bins", "32", "--decoder-width", str(DW),
+          "--decoder-depth", "1", "--decoder-heads", "2"]
+  dirs = {on: str(tmp_path / f"mm_norm_{on}") for on in (True, False)}
+  assert convert.main(args + ["--out", dirs[True]]) == 0
+  assert convert.main(args + ["--out", dirs[False], "--no-mm-norm"]) == 0
+  specs = {on: dataclasses.replace(release_spec(), mm_norm=on) for on in (True, False)}
+  got = {}
+  for on, out in dirs.items():
+    meta = json.load(open(os.path.join(out, "avsiam_init.json")))
+    assert "mm_norm" in meta["required"] and meta["switches"]["mm_norm"] is on
+    assert meta["fresh"] == (["mm_norm/bias", "mm_norm/scale"] if on else [])
+    assert load.recorded_model_config(out)["mm_norm"] is on
+    got[on] = flat(load.init_params(out, "converted", specs[on], fresh(specs[on])[1]))
+    with pytest.raises(SpecMismatch, match=rf"config\.model\.mm_norm = {on} \(it is {not on}"):
+      load.init_params(out, "converted", specs[not on], fresh(specs[not on])[1])
+  # The same released weights either way; only the norm differs.
+  assert set(got[True]) - set(got[False]) == {"mm_norm/bias", "mm_norm/scale"}
+  for k, v in got[False].items():
+    np.testing.assert_array_equal(v, got[True][k], err_msg=k)
+  # A run starting from the directory takes the switch.
+  c = tiny_config()
+  c.model_init = dirs[False]
+  spec = parse(c, 1)
+  assert spec.model.mm_norm is False and spec.model_from_weights["changed"]["mm_norm"] == (
+      True, False)
+  assert "mm_norm" not in nnx.state(nnx.eval_shape(lambda: AVSiam(spec.model,
+                                                                  rngs=nnx.Rngs(0))), nnx.Param)
+  # A record written before the switch held the norm: it is checked as mm_norm=True.
+  meta_path = os.path.join(dirs[True], "avsiam_init.json")
+  meta = json.load(open(meta_path))
+  del meta["switches"]["mm_norm"]
+  meta["required"].remove("mm_norm")
+  json.dump(meta, open(meta_path, "w"))
+  assert load.recorded_model_config(dirs[True])["mm_norm"] is True
+  with pytest.raises(SpecMismatch, match=r"config\.model\.mm_norm = True"):
+    load.init_params(dirs[True], "converted", specs[False], fresh(specs[False])[1])
 
 
 def test_convert_golden_to_directory(tmp_path):

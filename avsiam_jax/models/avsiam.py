@@ -2,8 +2,8 @@
 
 Contrastive branch: audio and video go through the shared encoder under multi-ratio masking and
 are mean-pooled. Reconstruction branch: a separate pass at a high mask ratio; the kept tokens of
-both modalities run through the joint (multimodal) blocks and the decoder predicts the masked
-patches.
+both modalities run through the joint (multimodal) blocks, a LayerNorm (`mm_norm`, unless
+spec.mm_norm is off as in the release) and the decoder predicts the masked patches.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ class AVSiamSpec:
   decoder_depth: int = 8
   decoder_heads: int = 16
   decoder_norm_eps: float = 1e-6
+  mm_norm: bool = True  # a LayerNorm between the multimodal blocks and the decoder (released: none)
 
 
 MODALITIES = ("a", "v")
@@ -40,7 +41,12 @@ class AVSiam(nnx.Module):
     self.dtype = dtype
     self.encoder = Encoder(enc, rngs=rngs, dtype=dtype)
     self.mm_blocks = multimodal_blocks(self.encoder, spec.mm_depth, rngs=rngs, dtype=dtype)
-    self.mm_norm = layers.LayerNorm(d, eps=enc.final_norm_eps, rngs=rngs, dtype=dtype)
+    if spec.mm_norm:
+      self.mm_norm = layers.LayerNorm(d, eps=enc.final_norm_eps, rngs=rngs, dtype=dtype)
+    else:
+      # Its two draws all the same, so the decoder starts as with mm_norm for the same seed.
+      for _ in range(2):
+        rngs.params()
 
     # Decoder: fresh parameters.
     self.decoder_embed = layers.Dense(d, dw, axes=("embed", None), rngs=rngs, dtype=dtype)
@@ -121,7 +127,7 @@ class AVSiam(nnx.Module):
       # The paper stops the reconstruction gradient before the multimodal layers.
       x = jax.lax.stop_gradient(x)
     x = layers.run_blocks(self.mm_blocks, x, "x", scan=self.spec.encoder.scan)
-    x = self.decoder_embed(self.mm_norm(x))
+    x = self.decoder_embed(self.mm_norm(x) if self.spec.mm_norm else x)
 
     parts, split = [], n_keep["a"]
     for m, kept_m in zip(MODALITIES, (x[:, :split], x[:, split:])):

@@ -22,7 +22,8 @@ from avsiam_jax.models import layers
 from avsiam_jax.models.vit import Encoder, EncoderSpec, multimodal_blocks
 
 PRETRAINED = ("encoder", "mm_blocks")
-# The classifier's three inputs (the finetuning step draws one per step; predictions name one).
+# The classifier's three inputs (the finetuning step draws one per step or per part of the
+# batch; predictions name one).
 AUDIO_VISUAL, AUDIO_ONLY, VISUAL_ONLY = "audio-visual", "audio-only", "visual-only"
 INPUTS = (AUDIO_VISUAL, AUDIO_ONLY, VISUAL_ONLY)
 
@@ -81,6 +82,13 @@ class AVSiamClassifier(nnx.Module):
     f = self.features(audio, video)
     head = self.head_a if video is None else self.head_v if audio is None else self.head_av
     return head(f).astype(jnp.float32)
+
+  def branch_logits(self, audio, video):
+    """Float32 logits (B, num_classes) of model(audio, video), model(audio, None) and
+    model(None, video), in INPUTS order, from one encoder pass per modality."""
+    a, v = self.encoder(audio, "a"), self.encoder(video, "v")
+    out = (self.head_av(self.fuse(a, v)), self.head_a(a.mean(axis=1)), self.head_v(v.mean(axis=1)))
+    return tuple(x.astype(jnp.float32) for x in out)
 
   def clip_outputs(self, audio_BxTxF, frames_BxFxHxWx3):
     """Everything evaluation needs from a clip and all its frames, audio encoded once.

@@ -34,7 +34,8 @@ import numpy as np
 from avsiam_jax.models.avsiam import AVSiamSpec
 from avsiam_jax.weights.common import (Source, SpecMismatch, Target, WeightError, require,
                                        strip_prefix)
-from avsiam_jax.weights.place import DECODER_SHAPE_FIELDS, ENCODER_FIELDS, put_block
+from avsiam_jax.weights.place import (DECODER_SHAPE_FIELDS, ENCODER_FIELDS, PRETRAIN_FIELDS,
+                                      put_block)
 from avsiam_jax.weights.vit_sources import timm_block
 
 BACKBONES = ("vit_base", "vit_large", "vit_huge")
@@ -214,14 +215,18 @@ def place_release(flat: dict[str, np.ndarray], spec: AVSiamSpec, params: dict, *
     require(spec.decoder_norm_eps, RELEASE_DECODER_EPS, "config.model.decoder_norm_eps",
             "the released decoder LayerNorms use torch's default eps")
     _place_decoder(s, spec, t, d)
-    required += [*DECODER_SHAPE_FIELDS, "decoder_norm_eps"]
+    required += [*DECODER_SHAPE_FIELDS, "decoder_norm_eps", *PRETRAIN_FIELDS]
     if "mm_norm/scale" in t:
       notes.append("mm_norm starts fresh: the released pretraining model feeds the multimodal "
                    "layers' output to decoder_embed without a LayerNorm")
+    else:
+      notes.append("no mm_norm (model.mm_norm off): the multimodal layers feed decoder_embed "
+                   "directly, as released")
   else:
     for p_ in DECODER_FRESH:
       t.keep_fresh(p_)
-    required += DECODER_SHAPE_FIELDS   # the fresh decoder is stored with these shapes
+    # The fresh decoder is stored with these shapes, and mm_norm or not.
+    required += [*DECODER_SHAPE_FIELDS, *PRETRAIN_FIELDS]
     notes.append("no decoder in the source (a finetuned checkpoint): decoder fresh")
   return t.result(), {"dropped": s.finish(), "notes": notes, "fresh": sorted(t.fresh),
                       "required": required}

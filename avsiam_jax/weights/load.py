@@ -35,8 +35,8 @@ _SHAPE_FIELDS = ("width", "depth", "mlp", "heads", "patch", "image_size", "audio
                  "mel_bins", "audio_patch_mode", "modality_norms", "mm_depth", "decoder_width",
                  "decoder_depth", "decoder_heads")
 REQUIRED = {
-    "vitjax": _SHAPE_FIELDS + ("audio_posemb_init", "separate_audio_patch"),
-    "timm": _SHAPE_FIELDS + ("audio_posemb_init", "separate_audio_patch"),
+    "vitjax": _SHAPE_FIELDS + ("audio_posemb_init", "separate_audio_patch", *place.PRETRAIN_FIELDS),
+    "timm": _SHAPE_FIELDS + ("audio_posemb_init", "separate_audio_patch", *place.PRETRAIN_FIELDS),
 }
 
 
@@ -77,15 +77,31 @@ def read_meta(directory: str) -> dict:
     return json.load(f)
 
 
+def _pretraining_model(meta: dict) -> bool:
+  """Whether a record holds the pretraining model (a decoder, fresh or converted)."""
+  return meta.get("layout") != "run" and "decoder_width" in meta.get("required", ())
+
+
+def recorded_switches(meta: dict) -> dict:
+  """The spec switches a converted checkpoint was made with; records written before mm_norm was
+  a switch hold a pretraining model with the norm."""
+  switches = dict(meta.get("switches", {}))
+  if _pretraining_model(meta):
+    switches.setdefault("mm_norm", True)
+  return switches
+
+
 def required_fields(meta: dict) -> list[str]:
   """The spec fields a converted checkpoint was made for, from its record (older records, whose
-  list lacked the audio projection and the decoder eps, get them here)."""
+  list lacked the audio projection, the decoder eps and mm_norm, get them here)."""
   required = meta.get("required", ())
   fields = [*required, "separate_audio_patch"]  # it decides which leaves exist
   fresh = meta.get("fresh")
   if (meta.get("source_format") == "avsiam" and "separate_audio_patch" not in required
       and fresh is not None and not any(p.startswith("decoder_norm/") for p in fresh)):
     fields.append("decoder_norm_eps")  # the released decoder, trained with eps 1e-5
+  if _pretraining_model(meta):
+    fields += place.PRETRAIN_FIELDS  # they decide which leaves exist
   return list(dict.fromkeys(fields))
 
 
@@ -93,14 +109,15 @@ def recorded_model_config(directory: str) -> dict[str, object]:
   """{config.model field: value} a converted checkpoint was made for: what a run starting from
   it takes. The variant comes only from records that name it."""
   meta = read_meta(directory)
+  switches = recorded_switches(meta)
   out = {}
   for f in required_fields(meta):
     key = place.config_key(f).rpartition(".")[2]
     if key == "variant":
       if meta.get("variant"):
         out["variant"] = meta["variant"]
-    elif f in meta.get("switches", {}):
-      out[key] = meta["switches"][f]
+    elif f in switches:
+      out[key] = switches[f]
   return out
 
 
@@ -119,7 +136,7 @@ def load_converted(directory: str, spec: AVSiamSpec, params: dict) -> dict:
         f"{directory!r} is a converted classifier (a finetuning run directory): finetune from it "
         "with config.finetune.init_checkpoint, or predict with python -m avsiam_jax.predict; "
         "to start pretraining from its encoder, convert the file with --drop-heads")
-  place.check_switches(meta["switches"], spec, required_fields(meta),
+  place.check_switches(recorded_switches(meta), spec, required_fields(meta),
                        f"{directory!r} was converted with other model settings")
   stored = read_converted(directory)
   targets = trees.flatten(params)
@@ -181,4 +198,4 @@ def check_initialized(params: dict) -> None:
 
 __all__ = ["FORMATS", "SOURCE_FORMATS", "SpecMismatch", "WeightError", "check_initialized",
            "convert_source", "fresh_params", "init_params", "load_converted", "read_converted",
-           "read_meta", "recorded_model_config", "required_fields"]
+           "read_meta", "recorded_model_config", "recorded_switches", "required_fields"]

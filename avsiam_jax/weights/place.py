@@ -3,8 +3,8 @@
 One RGB patch kernel (the audio path uses its channel mean on the fly, so nothing is stored for
 audio); audio posemb = the configured resize of the image posemb; per-modality LayerNorms
 copied from the single pretrained ones; multimodal blocks copied from the last encoder blocks
-(video-stream norms, as `vit.multimodal_blocks`); `mm_norm` and the decoder keep
-their fresh values from `params`.
+(video-stream norms, as `vit.multimodal_blocks`); `mm_norm` (when the model has one) and the
+decoder keep their fresh values from `params`.
 """
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ ENCODER_FIELDS = _VARIANT_FIELDS + (
     "image_size", "audio_frames", "mel_bins", "audio_patch_mode", "modality_norms",
     "double_tokens", "separate_audio_patch", "block_norm_eps", "final_norm_eps", "mm_depth")
 DECODER_SHAPE_FIELDS = ("decoder_width", "decoder_depth", "decoder_heads")
+# Pretraining-model switches outside the encoder that decide which parameters exist: converted
+# pretraining weights (those with a decoder, fresh or trained) are tied to them; a classifier
+# has no such parameters.
+PRETRAIN_FIELDS = ("mm_norm",)
 
 
 def config_key(field: str) -> str:
