@@ -18,12 +18,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from avsiam_jax import trees
-from avsiam_jax.weights import load
+from avsiam_jax.weights import load, signature
 
 CONFIG_FILE, LABELS_FILE = "config.json", "label_names.json"
-HINT = ("was it written with another config.model (variant, image_size, audio_frames, mel_bins, "
-        "mm_depth, mm_norm, decoder_*) or config.pretrain.separate_optimizers? Resume with the "
-        "config it was trained with, or use a fresh workdir")
+# The train state's tree and shapes: the config.model keys of the shape fields, and the optimizer.
+HINT = (f"was it written with another config.model "
+        f"({', '.join(signature.keys(signature.fields(('shape',))))}) or "
+        "config.pretrain.separate_optimizers? Resume with the config it was trained with, or use "
+        "a fresh workdir")
 
 
 class CheckpointError(ValueError):
@@ -121,10 +123,18 @@ def _resolve(checkpoint: str):
       f"directory (WORKDIR/checkpoints/<step>); it {why}")
 
 
+def _read_config(workdir) -> ml_collections.ConfigDict:
+  path = workdir / CONFIG_FILE
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{path}: cannot be read: {e}") from e
+
+
 def run_config(checkpoint: str) -> ml_collections.ConfigDict:
   """The config.json of the run of WORKDIR or WORKDIR/checkpoints/<step>; no checkpoint read."""
   workdir, _, _ = _resolve(checkpoint)
-  return ml_collections.ConfigDict(json.loads((workdir / CONFIG_FILE).read_text()))
+  return _read_config(workdir)
 
 
 def load_run(checkpoint: str) -> Run:
@@ -142,7 +152,7 @@ def load_run(checkpoint: str) -> Run:
   elif step not in steps:
     raise CheckpointError(f"{checkpoint}: not a finished checkpoint of {ckpt_dir} "
                           f"(finished steps: {sorted(steps) or 'none'})")
-  config = ml_collections.ConfigDict(json.loads((workdir / CONFIG_FILE).read_text()))
+  config = _read_config(workdir)
   names = None
   if config.get("mode") == "finetune":
     names_path = workdir / LABELS_FILE

@@ -24,6 +24,7 @@ from absl import logging
 from avsiam_jax import config as config_lib
 from avsiam_jax import masking, sharding, state, train, utils
 from avsiam_jax.config import ConfigError, RunSpec
+from avsiam_jax.weights import provenance
 
 GiB = 2 ** 30
 # HBM per chip, by the topology's chip name.
@@ -203,7 +204,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   topology = str(config.compile_only.topology)
   devices = topology_devices(topology)
   hosts = len({d.process_index for d in devices})
-  spec = config_lib.parse(config, len(devices), hosts, platform=devices[0].platform)
+  spec = provenance.from_weights(
+      config_lib.parse(config, len(devices), hosts, platform=devices[0].platform))
+  train.log_model_from_weights(spec)
   stages = config_lib.STAGES[spec.mode]
   if not stages:
     raise ConfigError("config.compile_only.topology: compiles training stages; use "

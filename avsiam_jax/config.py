@@ -1,8 +1,9 @@
 """Run settings: the ConfigDict of configs/*.py, turned once at start-up into frozen specs.
 
 `parse(config, num_devices)` runs every check that needs no compute and raises ConfigError
-naming the config field. Everything after it (trainer, tasks, step functions, models) takes the
-specs below, never the ConfigDict.
+naming the config field; it reads no run directory or weights record (weights/provenance.py,
+called where a run starts, takes the model fields of the weights it starts from). Everything
+after it (trainer, tasks, step functions, models) takes the specs below, never the ConfigDict.
 """
 from __future__ import annotations
 
@@ -18,25 +19,14 @@ from avsiam_jax import losses, masking
 from avsiam_jax.data import records
 from avsiam_jax.models import layers
 from avsiam_jax.models.avsiam import AVSiamSpec
-from avsiam_jax.models.vit import encoder_spec
-from avsiam_jax.weights import load, place
+from avsiam_jax.models.vit import EncoderSpec, encoder_spec
+from avsiam_jax.vocab import (BATCH_AXES, DTYPE_NAMES, EARLY_STOP_METRICS, MESH_AXES, MODES,
+                              STAGES)
+from avsiam_jax.weights import signature
 from avsiam_jax.weights.load import FORMATS as WEIGHT_FORMATS
 
-MODES = ("pretrain", "finetune", "eval", "pretrain+finetune")
-# The stages a mode trains, in order.
-STAGES = {"pretrain": ("pretrain",), "finetune": ("finetune",), "eval": (),
-          "pretrain+finetune": ("pretrain", "finetune")}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# What the early-stop counter counts epochs since (selection.py): the best of the selection
-# metric, or the best audio-visual mAP (the release, even when top-1 selects the best epoch).
-EARLY_STOP_METRICS = ("selection", "mAP")
-MESH_AXES = ("data", "fsdp", "tensor")
-# The batch is split over every mesh axis that holds different examples.
-BATCH_AXES = ("data", "fsdp")
-# config.model fields trained weights are tied to: a run starting from a run directory or a
-# converted checkpoint takes them from it (dtype, remat, scan stay the run's own).
-WEIGHT_FIELDS = tuple(dict.fromkeys(place.config_key(f).rpartition(".")[2]
-                                    for f in place.ENCODER_FIELDS))
+DTYPES = {name: getattr(jnp, name) for name in DTYPE_NAMES}
+_ENCODER_SPEC_FIELDS = {f.name for f in dataclasses.fields(EncoderSpec)}
 
 
 class ConfigError(ValueError):
@@ -166,7 +156,7 @@ class RunSpec:
   # The config as given (plain dicts), recorded in the run's config.json with this spec's stage;
   # its model section holds the switches taken from the weights the run starts from.
   source: dict = dataclasses.field(repr=False, compare=False, default_factory=dict)
-  # Those switches: {"source": path, "changed": {field: (as given, as taken)}}.
+  # Those switches (weights/provenance.py): {"source": path, "changed": {key: (given, taken)}}.
   model_from_weights: dict = dataclasses.field(repr=False, compare=False, default_factory=dict)
 
   @property
@@ -207,77 +197,35 @@ def model_spec(model, platform: str | None = None, num_devices: int = 1) -> AVSi
   attention implementation resolved for `num_devices` devices of `platform` (default: JAX's
   default backend)."""
   m = model
+  # The fields weights are tied to: every spec field but remat, scan and attention. The .get
+  # defaults serve the config.json of older run directories, which lack keys added since
+  # (configs/common.py defines them all).
+  tied = {f: m[row.key] if row.legacy is None else m.get(row.key, row.legacy)
+          for f, row in signature.FIELDS.items() if row.key != "variant"}
   try:
     attention = layers.resolve_attention(m.get("attention", "auto"),
                                          platform or jax.default_backend(),
                                          DTYPES.get(m.get("dtype", "float32"), jnp.float32),
                                          num_devices)
     enc = encoder_spec(
-        m["variant"], image_size=m["image_size"], audio_frames=m["audio_frames"],
-        mel_bins=m["mel_bins"], audio_patch_mode=m["audio_patch_mode"],
-        audio_posemb_init=m["audio_posemb_init"], modality_norms=m["modality_norms"],
-        double_tokens=m["double_tokens"], separate_audio_patch=m["separate_audio_patch"],
-        block_norm_eps=m["block_norm_eps"], final_norm_eps=m["final_norm_eps"],
+        m["variant"], **{f: v for f, v in tied.items() if f in _ENCODER_SPEC_FIELDS},
         remat=layers.remat_policy(m["remat"]), scan=bool(m.get("scan", False)),
         attention=attention)
     _ = enc.video_grid, enc.audio_grid  # sizes that do not split into patches fail here
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None
-  return AVSiamSpec(encoder=enc, mm_depth=m["mm_depth"], decoder_width=m["decoder_width"],
-                    decoder_depth=m["decoder_depth"], decoder_heads=m["decoder_heads"],
-                    decoder_norm_eps=m["decoder_norm_eps"],
-                    # Run directories written before the switch had the norm.
-                    mm_norm=bool(m.get("mm_norm", True)))
+  return AVSiamSpec(encoder=enc,
+                    **{f: v for f, v in tied.items() if f not in _ENCODER_SPEC_FIELDS})
 
 
-def weights_model(c) -> tuple[dict, dict]:
-  """config.model (a plain dict) with the fields the weights a run starts from were trained with
-  taken from them, and {"source": where from, "changed": {field: (as given, as taken)}}.
-
-  The weights: a finetuning run's finetune.init_checkpoint (any run directory: a pretraining
-  run, a converted classifier), else a converted model_init directory. Any other value of those
-  fields could not load them. A source that cannot be read is left to the loader to report.
-  """
-  # Orbax, which checkpoint imports, is slow to import; configs/*.py import this module.
-  from avsiam_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  model = c.model.to_dict() if hasattr(c.model, "to_dict") else dict(c.model)
-  stages = STAGES.get(c.mode, ())
-  init_checkpoint = (c.get("finetune") or {}).get("init_checkpoint", "")
-  source, fixed = "", {}
-  try:
-    if stages == ("finetune",) and init_checkpoint:
-      run_model = checkpoint.run_config(init_checkpoint).get("model") or {}
-      source, fixed = init_checkpoint, {k: run_model[k] for k in WEIGHT_FIELDS if k in run_model}
-    elif stages and c.model_init and c.model_init_format == "converted":
-      source, fixed = c.model_init, load.recorded_model_config(c.model_init)
-  except (checkpoint.CheckpointError, load.WeightError, OSError, ValueError):
-    source, fixed = "", {}
-  return model, {"source": source, "changed": _take(model, fixed)}
-
-
-def _take(model: dict, fixed: dict) -> dict:
-  """Sets `fixed` into `model`; returns {field: (as given, as taken)} for the fields it changed."""
-  changed = {}
-  for k, v in fixed.items():
-    if model.get(k) != v:
-      changed[k] = (model.get(k), v)
-      model[k] = v
-  return changed
-
-
-def with_run_model(spec: RunSpec, run_model, workdir: str) -> RunSpec:
-  """`spec` with the config.model fields a run's weights were trained with taken from its
-  config.json (`run_model`, its model section): the model mode=eval evaluates it with."""
-  model = dict(spec.source.get("model") or {})
-  changed = _take(model, {k: run_model[k] for k in WEIGHT_FIELDS if k in run_model})
-  if not changed:
-    return spec
-  new = model_spec(model)  # the attention this run resolved for its devices stays
-  new = dataclasses.replace(new, encoder=dataclasses.replace(
-      new.encoder, attention=spec.model.encoder.attention))
+def with_model(spec: RunSpec, model: dict, from_weights: dict) -> RunSpec:
+  """`spec` with another config.model section `model` (a plain dict), checked as `parse` checks
+  it; the attention implementation `spec` resolved for its devices stays. `from_weights`: where
+  the model fields came from (RunSpec.model_from_weights)."""
+  new = model_spec(dict(model, attention=spec.model.encoder.attention))
   return dataclasses.replace(spec, model=new, variant=model["variant"],
                              source=dict(spec.source, model=model),
-                             model_from_weights={"source": workdir, "changed": changed})
+                             model_from_weights=from_weights)
 
 
 def mesh_shape(mesh, num_devices: int) -> tuple[int, int, int]:
@@ -307,7 +255,7 @@ def _schedule(c, prefix: str, data_shards: int, check: bool) -> Schedule:
                decay_rate=float(lr_section.decay_rate),
                decay_every_epochs=int(lr_section.decay_every_epochs),
                epochs=int(c.epochs), total_steps=c.total_steps, batch_size=int(c.batch_size),
-               epoch_length=float(c.get("epoch_length", 1.0)) if prefix else 1.0)
+               epoch_length=float(c.epoch_length) if prefix else 1.0)
   if check:
     if s.epoch_length <= 0:
       _fail(f"{prefix}epoch_length", f"must be positive, got {s.epoch_length}")
@@ -325,13 +273,13 @@ def _schedule(c, prefix: str, data_shards: int, check: bool) -> Schedule:
 def _pretrain(c, data_shards: int, check: bool) -> PretrainSpec:
   p = c.pretrain
   ratios = tuple(float(r) for r in p.mask_ratios)
-  shards = c.mesh.get("batch_shards") or data_shards
+  shards = c.mesh.batch_shards or data_shards
   spec = PretrainSpec(
       mask_ratios=ratios, tau=float(p.tau), mae_mask_ratio=float(p.mae_mask_ratio),
       mae_stop_gradient=bool(p.mae_stop_gradient),
       separate_optimizers=bool(p.separate_optimizers), accum_steps=c.accum_steps,
       batch_shards=int(shards), schedule=_schedule(c, "", data_shards, check),
-      pack_groups=bool(p.get("pack_groups", True)),
+      pack_groups=bool(p.pack_groups),
       contrastive=str(p.contrastive))
   if not check:
     return spec
@@ -402,9 +350,8 @@ def _eval(c, data_shards: int) -> EvalSpec:
   spec = EvalSpec(every_steps=int(e.every_steps), max_clips=int(e.max_clips),
                   retrieval_clips=int(e.retrieval_clips), batch_size=int(e.batch_size),
                   frame=int(e.frame), plot_classes=int(e.plot_classes),
-                  retrieval_subset=str(e.get("retrieval_subset", "")),
-                  every_epoch=bool(e.get("every_epoch", False)),
-                  early_stop_epochs=int(e.get("early_stop_epochs", 0)),
+                  retrieval_subset=str(e.retrieval_subset), every_epoch=bool(e.every_epoch),
+                  early_stop_epochs=int(e.early_stop_epochs),
                   early_stop_metric=str(e.early_stop_metric))
   if spec.early_stop_epochs < 0:
     _fail("eval.early_stop_epochs", f"must be >= 0 (0: never), got {spec.early_stop_epochs}")
@@ -423,9 +370,8 @@ def _eval(c, data_shards: int) -> EvalSpec:
 
 
 def _compile_only(c) -> CompileSpec:
-  co = c.get("compile_only") or {}
-  spec = CompileSpec(topology=str(co.get("topology", "")),
-                     num_classes=int(co.get("num_classes", 527)))
+  co = c.compile_only
+  spec = CompileSpec(topology=str(co.topology), num_classes=int(co.num_classes))
   if spec.topology and ":" not in spec.topology:
     _fail("compile_only.topology", f"{spec.topology!r} is not a TPU topology such as "
           "'v5p:2x2x1' or 'v5e:4x4'")
@@ -438,8 +384,8 @@ def _data(c) -> DataSpec:
   d = c.data
   return DataSpec(dir=d.dir, train_split=d.train_split, eval_split=d.eval_split,
                   time_shift=bool(d.time_shift), worker_count=int(d.worker_count),
-                  demo=bool(d.demo), demo_train_clips=int(d.get("demo_train_clips", 400)),
-                  demo_eval_clips=int(d.get("demo_eval_clips", 100)))
+                  demo=bool(d.demo), demo_train_clips=int(d.demo_train_clips),
+                  demo_eval_clips=int(d.demo_eval_clips))
 
 
 def parse(config, num_devices: int, process_count: int = 1,
@@ -454,8 +400,7 @@ def parse(config, num_devices: int, process_count: int = 1,
     _fail("mode", f"{c.mode!r} is not one of {MODES}")
   if c.model.dtype not in DTYPES:
     _fail("model.dtype", f"must be one of {sorted(DTYPES)}, got {c.model.dtype!r}")
-  model_config, from_weights = weights_model(c)
-  model = model_spec(model_config, platform, num_devices)
+  model = model_spec(c.model, platform, num_devices)
   shape = mesh_shape(c.mesh, num_devices)
   mesh = MeshSpec(shape=shape, rules=tuple(dict(c.mesh.rules).items()))
   data_shards = mesh.batch_shards
@@ -468,20 +413,18 @@ def parse(config, num_devices: int, process_count: int = 1,
     _fail("model_init", f"{c.model_init!r} does not exist")
   if c.model_init_format not in WEIGHT_FORMATS:
     _fail("model_init_format", f"must be one of {WEIGHT_FORMATS}, got {c.model_init_format!r}")
-  source = c.to_dict() if hasattr(c, "to_dict") else dict(c)
-  source["model"] = model_config
   return RunSpec(
-      mode=c.mode, seed=int(c.seed), variant=model_config["variant"], model=model,
+      mode=c.mode, seed=int(c.seed), variant=c.model.variant, model=model,
       dtype=c.model.dtype, model_init=c.model_init, model_init_format=c.model_init_format,
       optim=OptimSpec(b1=float(c.optim.b1), b2=float(c.optim.b2),
                       weight_decay=float(c.optim.weight_decay)),
       pretrain=_pretrain(c, data_shards, "pretrain" in stages),
       finetune=_finetune(c, data_shards, "finetune" in stages),
       mesh=mesh, data=_data(c), eval=_eval(c, data_shards), compile_only=_compile_only(c),
-      compile_cache_dir=str(c.get("compile_cache_dir", "")),
+      compile_cache_dir=str(c.compile_cache_dir),
       checkpoint_every_steps=int(c.checkpoint_every_steps),
       keep_checkpoints=int(c.keep_checkpoints), log_every_steps=int(c.log_every_steps),
-      source=source, model_from_weights=from_weights)
+      source=c.to_dict())
 
 
 def dataset_dir(spec: RunSpec, workdir: str) -> str:

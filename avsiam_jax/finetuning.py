@@ -9,17 +9,17 @@ import optax
 from flax import nnx
 
 from avsiam_jax import checkpoint, losses, optim
-from avsiam_jax.config import FinetuneSpec, RunSpec
+from avsiam_jax.config import ConfigError, FinetuneSpec, RunSpec
 from avsiam_jax.data import pipeline
 from avsiam_jax.evaluators.classification import aggregate_frames
+from avsiam_jax.modalities import BRANCHES  # by branch index, as branch_index draws them
 from avsiam_jax.models.avsiam import AVSiam
-from avsiam_jax.models.classifier import (INPUTS, PRETRAINED, AVSiamClassifier, ClassifierSpec,
+from avsiam_jax.models.classifier import (PRETRAINED, AVSiamClassifier, ClassifierSpec,
                                            load_pretrained)
+from avsiam_jax.task import Task
 from avsiam_jax.weights import load, place
 
 HEADS = ("head_a", "head_v", "head_av")
-# Branch index -> input, in the order branch_index draws them.
-BRANCHES = INPUTS
 
 
 def classifier_spec(spec: RunSpec, num_classes: int) -> ClassifierSpec:
@@ -113,22 +113,24 @@ def pretrained_avsiam_params(spec: RunSpec, key) -> dict:
                           load.fresh_params(spec.model, key))
 
 
-class FinetuneTask:
+class FinetuneTask(Task):
   """The classifier for the trainer (train.py): model, optimizer groups, steps, input, logs."""
 
   name = "finetune"
   batch_keys = ("audio", "video", "labels")
+  uses_labels = True
+  random_init_warning = "Finetuning from random weights: set config.finetune.init_checkpoint"
 
   def __init__(self, spec: RunSpec, num_classes: int):
     self.spec, self.num_classes = spec, num_classes
     self.schedule = spec.finetune.schedule
+    self.selection_loss = spec.finetune.loss  # top-1 selects for "ce", mAP for "bce"
 
   def model(self, rngs: nnx.Rngs) -> AVSiamClassifier:
     return AVSiamClassifier(classifier_spec(self.spec, self.num_classes), rngs=rngs,
                             dtype=self.spec.compute_dtype)
 
-  @staticmethod
-  def opt_groups(param_keys) -> dict[str, tuple[str, ...]]:
+  def opt_groups(self, param_keys) -> dict[str, tuple[str, ...]]:
     return {"total": tuple(param_keys)}  # one optimizer; per-group rates by lr_multipliers
 
   def lr_multipliers(self, params):
@@ -149,12 +151,18 @@ class FinetuneTask:
         ds_dir, self.spec.data.train_split, mixup=f.mixup, label_smoothing=f.label_smoothing,
         freqm=f.freqm, timem=f.timem, balanced=f.balanced, **common)
 
-  @staticmethod
-  def log_fields(metrics) -> str:
+  def log_fields(self, metrics) -> str:
     if f"parts/{BRANCHES[0]}" in metrics:  # modality_shards > 1
       return "this step's parts " + ", ".join(f"{name} {int(metrics[f'parts/{name}'])}"
                                               for name in BRANCHES)
     return f"this step {BRANCHES[int(metrics['branch'])]}"
+
+  def check_sources(self) -> None:
+    if self.spec.finetune.init_checkpoint:
+      try:
+        checkpoint.load_run(self.spec.finetune.init_checkpoint)
+      except checkpoint.CheckpointError as e:
+        raise ConfigError(f"config.finetune.init_checkpoint: {e}") from e
 
   def init_source(self) -> str:
     """Where the encoder and multimodal blocks come from ("": random weights)."""

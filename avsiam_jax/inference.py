@@ -32,6 +32,7 @@ from avsiam_jax import config as config_lib
 from avsiam_jax import losses
 from avsiam_jax.checkpoint import CheckpointError, Run
 from avsiam_jax.data import clips
+from avsiam_jax.models import layers
 from avsiam_jax.models.classifier import AVSiamClassifier, ClassifierSpec
 from avsiam_jax.models.vit import Encoder
 
@@ -117,7 +118,7 @@ def _audio_visual(graphdef, loss, state, audio, video):
 def _pooled(graphdef, modality, state, x):
   """Mean-pooled tokens of one input, float32 as the retrieval eval computes them."""
   encoder = nnx.merge(graphdef, state)
-  return encoder(x[None], modality).astype(jnp.float32).mean(axis=1)[0]
+  return layers.mean_pool(encoder(x[None], modality))[0]
 
 
 class Predictor(_RunReader):

@@ -1,9 +1,9 @@
 """The mask-ratio groups of one modality packed into rows for a single encoder call.
 
-The encoder is shared by every group, so G groups of kept tokens (audio at ratios 0-0.8:
-512/409/307/204/102) need not be G calls: pairing the longest group with the shortest gives rows
-of nearly equal length (614/613/614) that run as one batch through the blocks' matmuls, with
-attention restricted to each row's segments (NaViT-style packing). The layout follows from the
+The encoder is shared by every group, so G groups of kept tokens need not be G calls: pairing
+the longest group with the shortest gives rows of nearly equal length that run as one batch
+through the blocks' matmuls, with attention restricted to each row's segments (NaViT-style
+packing; the rows and what they cost: docs/benchmarks.md). The layout follows from the
 group sizes alone, so attention is restricted to each segment by static slices or a static
 mask (layers.segmented_attention): no example sees another or the padding. Rows are formed
 inside each data shard, as the groups are (masking.py).
@@ -91,49 +91,49 @@ class Segments:
   """Where pack put the examples, static: attention is restricted to each segment.
 
   shards: data shards (rows are shard-major); rows: rows per shard; length: tokens per row;
-  sets: per row set (first row, rows, lengths of its segments from token 0 on; the rest is
-  padding).
+  blocks: the rows of each of the plan's row sets, as (first row, rows, lengths of its
+  segments from token 0 on; the rest is padding).
   """
   shards: int
   rows: int
   length: int
-  sets: tuple[tuple[int, int, tuple[int, ...]], ...]
+  blocks: tuple[tuple[int, int, tuple[int, ...]], ...]
 
 
 def _layout(plan: Plan, shards: int) -> Segments:
-  sets, r0 = [], 0
+  blocks, r0 = [], 0
   for s in plan.sets:
-    sets.append((r0, plan.rows(s), tuple(plan.lengths[k] for k in s)))
+    blocks.append((r0, plan.rows(s), tuple(plan.lengths[k] for k in s)))
     r0 += plan.rows(s)
-  return Segments(shards, plan.rows_per_shard, plan.length, tuple(sets))
+  return Segments(shards, plan.rows_per_shard, plan.length, tuple(blocks))
 
 
 def segments(plan: Plan, shards: int) -> Segments | None:
   """The plan's Segments; None where every row is one whole example: nothing to restrict."""
   layout = _layout(plan, shards)
-  if all(spans == (plan.length,) for _, _, spans in layout.sets):
+  if all(spans == (plan.length,) for _, _, spans in layout.blocks):
     return None
   return layout
 
 
 def segment_ids(segments: Segments):
   """(S * R, L) int32: each token's segment number within its row, -1 on padding."""
-  sets = []
-  for _, rows, spans in segments.sets:
+  blocks = []
+  for _, rows, spans in segments.blocks:
     ids = [jnp.full((n,), i, jnp.int32) for i, n in enumerate(spans)]
     ids.append(jnp.full((segments.length - sum(spans),), -1, jnp.int32))
-    sets.append(jnp.broadcast_to(jnp.concatenate(ids), (rows, segments.length)))
-  per_shard = jnp.concatenate(sets)
+    blocks.append(jnp.broadcast_to(jnp.concatenate(ids), (rows, segments.length)))
+  per_shard = jnp.concatenate(blocks)
   return jnp.tile(per_shard, (segments.shards, 1))
 
 
 def cut(x, segments: Segments, axis: int):
-  """Every segment of packed rows, set by set: (S * R, ..., L at `axis`, ...) ->
+  """Every segment of packed rows, block by block: (S * R, ..., L at `axis`, ...) ->
   [(S * rows, ..., n, ...)]."""
   s = segments.shards
   x = x.reshape(s, segments.rows, *x.shape[1:])
   pieces = []
-  for r0, rows, spans in segments.sets:
+  for r0, rows, spans in segments.blocks:
     start = 0
     for n in spans:
       piece = jax.lax.slice_in_dim(x[:, r0:r0 + rows], start, start + n, axis=axis + 1)
@@ -144,32 +144,31 @@ def cut(x, segments: Segments, axis: int):
 
 def join(pieces, segments: Segments, axis: int):
   """Inverse of cut: the pieces back into rows (S * R, ..., L, ...), zero on padding."""
-  s, sets, i = segments.shards, [], 0
-  for _, rows, spans in segments.sets:
+  s, blocks, i = segments.shards, [], 0
+  for _, rows, spans in segments.blocks:
     parts = [p.reshape(s, rows, *p.shape[1:]) for p in pieces[i:i + len(spans)]]
     i += len(spans)
     pad = list(parts[0].shape)
     pad[axis + 1] = segments.length - sum(spans)
     if pad[axis + 1]:
       parts.append(jnp.zeros(pad, parts[0].dtype))
-    sets.append(jnp.concatenate(parts, axis=axis + 1))
-  rows = jnp.concatenate(sets, axis=1)
+    blocks.append(jnp.concatenate(parts, axis=axis + 1))
+  rows = jnp.concatenate(blocks, axis=1)
   return rows.reshape(-1, *rows.shape[2:])
 
 
-def pooled_groups(rows_SRxLxD, plan: Plan, shards: int) -> list:
-  """Mean of every segment of encoded rows, float32, back in groups: [(S * g, D)], as
-  model.pool of each group's own tokens."""
+def pooled_groups(rows_SRxLxD, plan: Plan, shards: int, pool) -> list:
+  """`pool` ((n, tokens, D) -> (n, D), e.g. layers.mean_pool) of every segment of encoded rows,
+  back in groups: [(S * g, D)], as pool of each group's own tokens."""
   d = rows_SRxLxD.shape[-1]
-  means = iter([p.astype(jnp.float32).mean(axis=1)
-                for p in cut(rows_SRxLxD, _layout(plan, shards), axis=1)])
+  pooled = iter([pool(p) for p in cut(rows_SRxLxD, _layout(plan, shards), axis=1)])
   out = [None] * len(plan.lengths)
   for s in plan.sets:
     if not _twin(s):
       for k in s:
-        out[k] = next(means)
+        out[k] = next(pooled)
       continue
-    pair = jnp.stack([next(means).reshape(shards, -1, d) for _ in s], axis=2)
+    pair = jnp.stack([next(pooled).reshape(shards, -1, d) for _ in s], axis=2)
     both = einops.rearrange(pair, "s r two d -> s (r two) d")[:, :plan.per_group]
     out[s[0]] = both.reshape(-1, d)
   return out

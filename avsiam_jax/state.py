@@ -15,21 +15,22 @@ import optax
 from flax import nnx
 
 from avsiam_jax import checkpoint, optim, sharding
+from avsiam_jax.task import Task
 
 
-def abstract_model(task):
+def abstract_model(task: Task):
   """The task's model with shapes only (nothing allocated)."""
   return nnx.eval_shape(lambda: task.model(nnx.Rngs(0)))
 
 
-def create_state(task, groups: dict[str, optim.OptGroup], key) -> dict:
+def create_state(task: Task, groups: dict[str, optim.OptGroup], key) -> dict:
   params = nnx.to_pure_dict(nnx.state(task.model(nnx.Rngs(params=key)), nnx.Param))
   return {"params": params,
           "opt": {n: g.tx.init(optim.subset(params, g.keys)) for n, g in groups.items()},
           "step": jnp.zeros((), jnp.int32)}
 
 
-def place(params: dict, abstract_params: dict) -> dict:
+def shard_host_params(params: dict, abstract_params: dict) -> dict:
   """Host params onto the shardings of `abstract_params` (ShapeDtypeStructs with shardings)."""
   return jax.tree.map(
       lambda x, a: jax.make_array_from_callback(x.shape, a.sharding, lambda i: x[i]),
@@ -42,7 +43,7 @@ class EvalFns(NamedTuple):
   graphdef: Any          # the model's structure; nnx.merge(graphdef, params) rebuilds it
 
 
-def make_eval_fns(task, mesh) -> EvalFns:
+def make_eval_fns(task: Task, mesh) -> EvalFns:
   """The compiled eval step alone: no optimizer, no state."""
   abstract = abstract_model(task)
   graphdef = nnx.graphdef(abstract)
@@ -63,7 +64,7 @@ class TrainFns(NamedTuple):
   graphdef: Any
 
 
-def make_train_fns(task, mesh, steps_per_epoch: int) -> TrainFns:
+def make_train_fns(task: Task, mesh, steps_per_epoch: int) -> TrainFns:
   """Compiled init, train step and eval step of `task`, the state sharded on `mesh`."""
   schedule = optim.lr_schedule(task.schedule, steps_per_epoch)
   ev = make_eval_fns(task, mesh)

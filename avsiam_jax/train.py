@@ -8,8 +8,9 @@
   train(spec, workdir)          one stage; resumes from the workdir's latest checkpoint
   evaluate_run(spec, workdir)   a finished run's checkpoint; builds no optimizer
 
-A task (pretraining.PretrainTask, finetuning.FinetuneTask) gives the loop its model, optimizer
-groups, train and eval steps, input iterator and log fields.
+The loop knows no task by name: a task (task.Task, implemented by pretraining.PretrainTask and
+finetuning.FinetuneTask) gives it its model, optimizer groups, train and eval steps, input
+iterator, log fields, weight sources and selection loss; TASKS maps a stage to its task.
 """
 from __future__ import annotations
 
@@ -28,22 +29,26 @@ from avsiam_jax import config as config_lib
 from avsiam_jax.config import ConfigError, RunSpec
 from avsiam_jax.data import demo, records, subsets
 from avsiam_jax.evaluators.evaluator import Evaluator, flat_scalars, summary
-from avsiam_jax.weights import load
+from avsiam_jax.task import Task
+from avsiam_jax.weights import load, provenance
 
 STAGE_TITLES = {
     "pretrain": "pretraining (contrastive + masked reconstruction), then zero-shot retrieval",
     "finetune": "finetuning the classifier from the pretrained weights, then classification"}
 
 
-def make_task(spec: RunSpec, stage: str, num_classes: int = 0):
-  if stage == "finetune":
-    return finetuning.FinetuneTask(spec, num_classes)
-  return pretraining.PretrainTask(spec)
+# Stage -> its task: (spec, num_classes) -> Task.
+TASKS = {"pretrain": pretraining.PretrainTask, "finetune": finetuning.FinetuneTask}
+
+
+def make_task(spec: RunSpec, stage: str, num_classes: int = 0) -> Task:
+  return TASKS[stage](spec, num_classes)
 
 
 def parse_config(config) -> RunSpec:
-  """The checked specs of a ConfigDict for the devices and processes of this run."""
-  return config_lib.parse(config, jax.device_count(), jax.process_count())
+  """The checked specs of a ConfigDict for the devices and processes of this run, with the model
+  fields of the weights its training starts from (weights/provenance.py)."""
+  return provenance.from_weights(config_lib.parse(config, jax.device_count(), jax.process_count()))
 
 
 def use_compile_cache(spec: RunSpec, workdir: str, environ=os.environ) -> str | None:
@@ -109,7 +114,7 @@ def _dataset(spec: RunSpec, workdir: str, stage: str) -> tuple[str, dict]:
   return ds_dir, info
 
 
-def fresh_state(task, fns: state.TrainFns, key) -> dict:
+def fresh_state(task: Task, fns: state.TrainFns, key) -> dict:
   """A new state drawn from `key`, with the task's pretrained weights placed in, if any.
 
   Whatever the weight source lacks keeps the values drawn from `key`; the fresh Adam moments
@@ -118,30 +123,28 @@ def fresh_state(task, fns: state.TrainFns, key) -> dict:
   train_state = fns.init(key)
   if task.init_source():
     params = task.init_params(jax.device_get(train_state["params"]), key)
-    train_state = dict(train_state, params=state.place(params, fns.abstract_state["params"]))
+    train_state = dict(train_state,
+                       params=state.shard_host_params(params, fns.abstract_state["params"]))
     logging.info("Initialized from %s", task.init_source())
-  elif task.name == "finetune":
-    logging.warning("Finetuning from random weights: set config.finetune.init_checkpoint")
+  elif task.random_init_warning:
+    logging.warning(task.random_init_warning)
   return train_state
 
 
 def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
-  """Pretrains or finetunes (spec.mode), resuming from `workdir` if it holds a checkpoint."""
-  if spec.mode not in ("pretrain", "finetune"):
-    raise ConfigError(f"config.mode {spec.mode!r}: train() runs pretrain or finetune; use run() "
+  """Trains the stage spec.mode (a TASKS entry), resuming from `workdir` if it holds a
+  checkpoint."""
+  if spec.mode not in TASKS:
+    raise ConfigError(f"config.mode {spec.mode!r}: train() runs one of {tuple(TASKS)}; use run() "
                       "for the others")
   # ----- Mesh -------------------------------------------------------------------------------
   mesh = sharding.make_mesh(spec.mesh)
 
   # ----- Data -------------------------------------------------------------------------------
   ds_dir, info = _dataset(spec, workdir, spec.mode)
-  if spec.mode == "finetune" and spec.finetune.init_checkpoint:
-    try:
-      checkpoint.load_run(spec.finetune.init_checkpoint)
-    except checkpoint.CheckpointError as e:
-      raise ConfigError(f"config.finetune.init_checkpoint: {e}") from e
-  label_names = info["label_names"] if spec.mode == "finetune" else []
+  label_names = info["label_names"] if TASKS[spec.mode].uses_labels else []
   task = make_task(spec, spec.mode, len(label_names))
+  task.check_sources()
   sched = task.schedule
   num_train = info["splits"][spec.data.train_split]["num_examples"]
   if sched.batch_size > num_train:
@@ -191,7 +194,6 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
   evaluator = Evaluator(spec, ds_dir, fns.eval_step, mesh)
   best = selection.BestTracker(workdir, spec.eval.early_stop_epochs,
                               spec.eval.early_stop_metric) if spec.eval.every_epoch else None
-  loss = spec.finetune.loss if task.name == "finetune" else None
 
   # ----- Loop -------------------------------------------------------------------------------
   logging.info("Compiling the train step, then training from step %d; a progress line every "
@@ -213,7 +215,7 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
     if best and step % steps_per_epoch == 0:
       epoch_results = evaluator(train_state["params"])
       logger.scalars(step, flat_scalars(epoch_results))
-      metric = selection.score(epoch_results, loss)
+      metric = selection.score(epoch_results, task.selection_loss)
       if best.update(step, step // steps_per_epoch, epoch_results, metric, train_state,
                      train_iter.get_state()):
         logging.info("Epoch %d: %s %.4f, the best so far", step // steps_per_epoch, *metric)
@@ -257,7 +259,7 @@ def evaluate_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
     trained = checkpoint.load_run(workdir)
   except checkpoint.CheckpointError as e:
     raise ConfigError(f"mode=eval needs --workdir to be a training run: {e}") from e
-  spec = config_lib.with_run_model(spec, trained.config.get("model") or {}, workdir)
+  spec = provenance.from_run(spec, trained.config, workdir)
   log_model_from_weights(spec)
   stage = "finetune" if trained.config.get("mode") == "finetune" else "pretrain"
   ds_dir, info = _dataset(spec, workdir, stage)
@@ -268,8 +270,8 @@ def evaluate_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
   task = make_task(spec, stage, len(info.get("label_names", [])))
   mesh = sharding.make_mesh(spec.mesh)
   fns = state.make_eval_fns(task, mesh)
-  params = state.place(jax.device_get(checkpoint.restore_params(trained, fns.abstract_params)),
-                       fns.abstract_params)
+  params = state.shard_host_params(
+      jax.device_get(checkpoint.restore_params(trained, fns.abstract_params)), fns.abstract_params)
   results = Evaluator(spec, ds_dir, fns.eval_step, mesh)(
       params, plot_path=os.path.join(workdir, "embeddings.png"), title=stage)
   results = dict(results, step=trained.step, split=spec.data.eval_split)

@@ -6,7 +6,7 @@ custom) and fills the finetuning schedule of the paper's Tables 9-11.
 """
 import ml_collections
 
-from avsiam_jax.config import MODES
+from avsiam_jax.vocab import MODES
 
 DATASETS = ("as20k", "as2m", "vggsound", "custom")
 
@@ -143,6 +143,8 @@ def get_common_config() -> ml_collections.ConfigDict:
   c.data.time_shift = True
   c.data.worker_count = 0
   c.data.demo = False                    # generate the built-in demo dataset into the workdir
+  c.data.demo_train_clips = 400          # its clips (with demo)
+  c.data.demo_eval_clips = 100
 
   # Finetuning (mode finetune): the classifier on the pretrained encoder and multimodal blocks.
   # Adam's betas and weight decay come from `optim`.

@@ -12,8 +12,6 @@ def get_config(arg=None):
   c = common.get_common_config()
   c.mode = common.parse_arg(arg or "mode=pretrain+finetune")["mode"]
   c.data.demo = True
-  c.data.demo_train_clips = 400
-  c.data.demo_eval_clips = 100
   c.model.variant = "tiny"
   # Small inputs and decoder: a step costs about a third of one at 112 px / 2.56 s, so the
   # few CPU minutes go into more steps, which is what retrieval needs.

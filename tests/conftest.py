@@ -46,7 +46,8 @@ def build(config, num_devices: int = 1, *, num_classes: int = 0, steps_per_epoch
   import jax
   from avsiam_jax import config as config_lib
   from avsiam_jax import sharding, state, train
-  spec = config_lib.parse(config, num_devices)
+  from avsiam_jax.weights import provenance
+  spec = provenance.from_weights(config_lib.parse(config, num_devices))
   mesh = sharding.make_mesh(spec.mesh, jax.devices()[:num_devices])
   task = train.make_task(spec, "finetune" if spec.mode == "finetune" else "pretrain", num_classes)
   return spec, mesh, task, state.make_train_fns(task, mesh, steps_per_epoch)

@@ -20,14 +20,11 @@ def _params_and_graphdef(config):
   return fns.init(jax.random.key(0))["params"], fns.graphdef
 
 
-def _losses_and_grads(config, params, graphdef, batch, batch_shards, which="total"):
-  """The full-batch path when accum_steps is 1, micro-batches otherwise."""
-  if config.accum_steps == 1:
-    fn = jax.value_and_grad(pretraining.pretrain_losses, has_aux=True)
-  else:
-    fn = pretraining.accumulated_losses_and_grads
+def _losses_and_grads(config, params, graphdef, batch, batch_shards):
+  """Plain autodiff when accum_steps is 1, two passes over micro-batches otherwise."""
   spec = dataclasses.replace(parse(config, 1).pretrain, batch_shards=batch_shards)
-  run = jax.jit(lambda p, b: fn(p, graphdef, b, jax.random.key(1), spec, which))
+  run = jax.jit(lambda p, b: pretraining.losses_and_grads(p, graphdef, b, jax.random.key(1),
+                                                          spec))
   return jax.device_get(compile_fast(run, params, batch)(params, batch))
 
 
@@ -119,8 +116,8 @@ def test_compiled_size_does_not_grow_with_accum_steps():
   for accum in (2, 4):
     config.accum_steps = accum
     p_spec = dataclasses.replace(spec.pretrain, accum_steps=accum)
-    jaxpr = jax.make_jaxpr(lambda p, b: pretraining.accumulated_losses_and_grads(
-        p, fns.graphdef, b, jax.random.key(1), p_spec, "total"))(params, batch)
+    jaxpr = jax.make_jaxpr(lambda p, b: pretraining.losses_and_grads(
+        p, fns.graphdef, b, jax.random.key(1), p_spec))(params, batch)
     sizes.append(len(jaxpr.jaxpr.eqns))
     assert "scan" in {e.primitive.name for e in jaxpr.jaxpr.eqns}
   assert sizes[0] == sizes[1]

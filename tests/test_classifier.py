@@ -50,7 +50,7 @@ def test_logit_shapes_per_mode(models):
   assert model(audio=a).shape == (3, C)
   assert model(video=v).shape == (3, C)
   assert model(audio=a, video=v).shape == (3, C)
-  assert model.features(audio=a, video=v).shape == (3, 2 * ENC.width)
+  assert model.head_input(audio=a, video=v).shape == (3, 2 * ENC.width)
   with pytest.raises(ValueError):
     model()
 
@@ -65,8 +65,8 @@ def test_mm_init_matches_pretraining_model(models):
 def test_load_pretrained_features_match_avsiam(models):
   pre, model = models["pre"], models["model"]
   a, v = _inputs()
-  np.testing.assert_allclose(model.features(audio=a), pre.features(a, "a"), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(model.features(video=v), pre.features(v, "v"), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.head_input(audio=a), pre.features(a, "a"), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.head_input(video=v), pre.features(v, "v"), rtol=1e-5, atol=1e-6)
   # Audio-visual: concatenated tokens through the pretraining model's mm blocks, pooled per part.
   ta, tv = pre.encoder(a, "a"), pre.encoder(v, "v")
   x = jnp.concatenate([ta, tv], axis=1)
@@ -74,7 +74,7 @@ def test_load_pretrained_features_match_avsiam(models):
     x = block(x, "x")
   n = ta.shape[1]
   pooled = jnp.concatenate([x[:, :n].mean(1), x[:, n:].mean(1)], axis=-1)
-  np.testing.assert_allclose(model.features(audio=a, video=v), pooled, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.head_input(audio=a, video=v), pooled, rtol=1e-5, atol=1e-6)
   h = model.head_av
   logits = h.dense(h.norm(pooled))
   np.testing.assert_allclose(model(audio=a, video=v), logits, rtol=1e-5, atol=1e-6)

@@ -2,12 +2,18 @@
 import dataclasses
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
 from avsiam_jax import config as config_lib
 from avsiam_jax.config import ConfigError, parse
+from avsiam_jax.weights import provenance
 from configs import base, demo, huge, large
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_specs_carry_the_config_and_are_frozen():
@@ -132,3 +138,68 @@ def test_balanced_epochs_are_the_paper_gpu_counts(module):
     # A balanced epoch is GPUs x N draws (each GPU a full-length sampler); a plain one N.
     assert f.epoch_length == (gpus if dataset != "as20k" else 1.0), (variant, dataset)
     assert f.balanced == (dataset != "as20k")
+
+
+def test_config_files_import_no_jax():
+  """Loading a config file imports the names it checks against, not JAX, Flax or TFDS."""
+  code = ("import sys; from configs import base; base.get_config('mode=finetune,dataset=as20k'); "
+          "print(sorted(m for m in ('jax', 'flax', 'tensorflow', 'tensorflow_datasets') "
+          "if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("section,key", [
+    ("pretrain", "pack_groups"), ("finetune", "epoch_length"), ("eval", "every_epoch"),
+    ("eval", "early_stop_epochs"), ("data", "demo_train_clips"), ("compile_only", "num_classes"),
+    ("mesh", "batch_shards"), ("", "compile_cache_dir")])
+def test_no_second_defaults(section, key):
+  """configs/common.py defines every key once (the demo's too) and parse falls back on none."""
+  c = base.get_config()
+  node = c[section] if section else c
+  assert key in node
+  del node[key]
+  with pytest.raises(AttributeError, match=key):
+    parse(c, num_devices=8)
+
+
+def _run_dir(path, config_text):
+  path.mkdir()
+  (path / "config.json").write_text(config_text)
+  return str(path)
+
+
+def test_parse_reads_no_weights_and_unreadable_ones_stop_the_run(tmp_path):
+  """The provenance step, not parse, reads the weights' records; a broken one is an error with
+  its path, not skipped."""
+  c = base.get_config()
+  c.model_init = str(tmp_path)  # format "converted"
+  meta = tmp_path / "avsiam_init.json"
+  meta.write_text("{not json")
+  spec = parse(c, 8)
+  with pytest.raises(ConfigError, match=rf"config\.model_init: {re.escape(str(meta))}: cannot be"):
+    provenance.from_weights(spec)
+  c = base.get_config("mode=finetune")
+  c.finetune.init_checkpoint = _run_dir(tmp_path / "broken", "")
+  spec = parse(c, 8)
+  with pytest.raises(ConfigError, match=r"config\.finetune\.init_checkpoint: .*"
+                     + re.escape(os.path.join("broken", "config.json")) + ": cannot be read"):
+    provenance.from_weights(spec)
+
+
+def test_the_model_fields_of_a_run_directory_are_taken_and_checked(tmp_path):
+  c = base.get_config("mode=finetune")
+  c.finetune.init_checkpoint = _run_dir(
+      tmp_path / "run", json.dumps({"model": {"image_size": 112, "dtype": "float32"}}))
+  given = parse(c, 8)
+  spec = provenance.from_weights(given)
+  assert given.model.encoder.image_size == 224 and spec.model.encoder.image_size == 112
+  assert spec.model_from_weights == {"source": c.finetune.init_checkpoint,
+                                     "changed": {"image_size": (224, 112)}}
+  assert spec.dtype == "bfloat16" and spec.record()["model"]["image_size"] == 112  # dtype free
+  # The fields taken are checked as parse checks the config's own.
+  c.finetune.init_checkpoint = _run_dir(tmp_path / "bad",
+                                        json.dumps({"model": {"image_size": 100}}))
+  with pytest.raises(ConfigError, match=r"config\.model: image_size 100 is not divisible"):
+    provenance.from_weights(parse(c, 8))

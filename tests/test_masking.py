@@ -82,7 +82,7 @@ def test_multi_ratio_features_restore_order(pack):
 
   # Recompute by hand, example by example, from the same random draws.
   enc = model.encoder
-  tokens = enc.embed(enc.patches(video, "v"), "v")
+  tokens = enc.project_patches(enc.patches(video, "v"), "v")
   key_perm, key_mask = jax.random.split(key)
   perm = np.asarray(masking.group_permutation(key_perm, 10, 5, 2))
   for k, ratio in enumerate(RATIOS):

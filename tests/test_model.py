@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from avsiam_jax import pretraining
 from avsiam_jax.models import vit
 from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
 
@@ -36,8 +37,9 @@ def test_shapes_abstract(variant):
   graphdef, state = nnx.split(model)
   def run(state, a, v):
     m = nnx.merge(graphdef, state)
+    noise = pretraining.reconstruction_noise(m, jax.random.key(0), 2)
     return (m.encoder(a, "a"), m.encoder(v, "v"), m.features(a, "a"),
-            m.reconstruction_loss(a, v, jax.random.key(0), mask_ratio=0.75, stop_gradient=True))
+            pretraining.reconstruction_loss(m, a, v, noise, mask_ratio=0.75, stop_gradient=True))
   ta, tv, fa, rec = jax.eval_shape(run, state, audio, video)
   assert ta.shape == (2, enc.num_audio_tokens, enc.width)
   assert tv.shape == (2, enc.num_video_tokens, enc.width)
@@ -133,7 +135,7 @@ def test_token_doubling_switch():
   outs = []
   for double in (False, True):
     enc = vit.Encoder(vit.encoder_spec("test", double_tokens=double, **kw), rngs=nnx.Rngs(0))
-    outs.append(np.asarray(enc.embed(enc.patches(jnp.asarray(x), "v"), "v")))
+    outs.append(np.asarray(enc.project_patches(enc.patches(jnp.asarray(x), "v"), "v")))
   np.testing.assert_allclose(outs[1], 2 * outs[0], rtol=1e-6)
 
 
@@ -152,8 +154,9 @@ def test_reconstruction_stop_gradient(stop_gradient):
   video = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
   def loss(params):
     m = nnx.merge(graphdef, params)
-    return m.reconstruction_loss(audio, video, jax.random.key(0), mask_ratio=0.5,
-                                 stop_gradient=stop_gradient)
+    return pretraining.reconstruction_loss(
+        m, audio, video, pretraining.reconstruction_noise(m, jax.random.key(0), 2),
+        mask_ratio=0.5, stop_gradient=stop_gradient)
   grads = nnx.to_pure_dict(jax.grad(loss)(params))
   enc_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["encoder"]))
   mm_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["mm_blocks"]))
@@ -195,8 +198,9 @@ def test_mm_norm_switch(monkeypatch):
 
   def run(graphdef, q):
     seen["model"] = m = nnx.merge(graphdef, q)
-    loss = m.reconstruction_loss(audio, video, jax.random.key(0), mask_ratio=0.5,
-                                 stop_gradient=True)
+    loss = pretraining.reconstruction_loss(
+        m, audio, video, pretraining.reconstruction_noise(m, jax.random.key(0), 2),
+        mask_ratio=0.5, stop_gradient=True)
     return loss, seen["mm_out"], seen["decoder_in"]
   loss_on, mm_on, dec_on = jax.jit(run, static_argnums=0)(graphdef_on, params)
   loss_off, mm_off, dec_off = jax.jit(run, static_argnums=0)(graphdef_off, params_off)
@@ -245,14 +249,13 @@ def _batch(b=4):
 
 def _loss_and_grads(model, config, batch):
   """The pretraining loss and its gradients, jitted over nnx.merge(graphdef, params) as trained."""
-  from avsiam_jax import pretraining  # pylint: disable=g-import-not-at-top
   from avsiam_jax.config import parse  # pylint: disable=g-import-not-at-top
   spec = dataclasses.replace(parse(config, 1).pretrain, batch_shards=1)
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
   def loss(params):
-    return pretraining.pretrain_losses(params, graphdef, batch, jax.random.key(1), spec,
-                                       which="total")[0]
+    return pretraining.objective(nnx.merge(graphdef, params), batch, jax.random.key(1),
+                                 spec)(params)[0]
   compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
   value, grads = compiled(params)
   return value, grads, jax.make_jaxpr(loss)(params).jaxpr, compiled.as_text()

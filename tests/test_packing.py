@@ -25,7 +25,7 @@ def _ids(segs, plan, shards):
   if segs is None:  # one whole example per row
     return np.zeros((shards * plan.rows_per_shard, plan.length), int)
   ids = np.full((segs.shards, segs.rows, segs.length), -1)
-  for r0, rows, spans in segs.sets:
+  for r0, rows, spans in segs.blocks:
     for i, (a, b) in enumerate(zip(np.cumsum((0,) + spans[:-1]), np.cumsum(spans))):
       ids[:, r0:r0 + rows, a:b] = i
   return ids.reshape(-1, segs.length)
@@ -58,7 +58,7 @@ def test_pack_then_pool_gives_each_examples_mean(lengths, per_group, shards):
   plan = packing.make_plan(lengths, per_group)
   rows = packing.pack([jnp.asarray(x) for x in groups], plan, shards)
   assert rows.shape == (shards * plan.rows_per_shard, plan.length, 3)
-  pooled = packing.pooled_groups(rows, plan, shards)
+  pooled = packing.pooled_groups(rows, plan, shards, layers.mean_pool)
   for x, y in zip(groups, pooled):
     np.testing.assert_allclose(y, x.astype(np.float64).mean(axis=1), rtol=1e-6, atol=1e-6)
 

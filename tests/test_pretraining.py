@@ -50,8 +50,10 @@ def test_separate_optimizers_touch_only_what_their_loss_reaches():
   @jax.jit
   def reference(params):
     for name, group in opt.items():
-      grads = jax.grad(lambda p: pretraining.pretrain_losses(
-          p, fns.graphdef, batch, key, spec.pretrain, name)[0])(params)
+      owned = pretraining.loss_groups(spec.pretrain)[name]
+      assert owned == (name,)
+      grads = jax.grad(lambda p: pretraining.objective(
+          nnx.merge(fns.graphdef, p), batch, key, spec.pretrain, owned)(p)[0])(params)
       stepped, _ = optim.apply_group(group, grads, group.tx.init(optim.subset(params,
                                                                                group.keys)),
                                      params)
@@ -97,13 +99,9 @@ def test_contrastive_direction_reaches_both_loss_paths(accum):
   p = specs["symmetric"]
 
   def run(q, b):
-    """Each direction's loss, and the features as pretrain_losses draws them (the
-    micro-batches draw the same masks)."""
-    if accum == 1:
-      loss = lambda p: pretraining.pretrain_losses(q, graphdef, b, key, p, "contrastive")
-    else:
-      loss = lambda p: pretraining.accumulated_losses_and_grads(q, graphdef, b, key, p,
-                                                                "contrastive")[0]
+    """Each direction's loss (plain autodiff or two passes over micro-batches), and the
+    features as the objective draws them (the micro-batches draw the same masks)."""
+    loss = lambda p: pretraining.losses_and_grads(q, graphdef, b, key, p, ("contrastive",))[0]
     got = {d: loss(p)[1]["contrastive"] for d, p in specs.items()}
     m = nnx.merge(graphdef, q)
     feats = [pretraining.multi_ratio_features(m, b[name], mod, k, p.mask_ratios, p.batch_shards,

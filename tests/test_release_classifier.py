@@ -13,9 +13,9 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from avsiam_jax import checkpoint, finetuning, inference, predict, train
-from avsiam_jax.config import model_spec, parse, with_run_model
+from avsiam_jax.config import model_spec, parse
 from avsiam_jax.data import records
-from avsiam_jax.weights import convert, load
+from avsiam_jax.weights import convert, load, provenance
 from avsiam_jax.weights.common import SpecMismatch, WeightError
 from conftest import build
 from tests.test_finetune import finetune_config
@@ -213,7 +213,7 @@ def test_the_trainer_takes_the_switches_of_a_converted_directory(converted_relea
   m.image_size, m.audio_frames, m.mel_bins = 32, 64, 32
   m.decoder_width, m.decoder_depth, m.decoder_heads = 16, 1, 2
   c.model_init = converted_release  # format "converted"; no release switch set
-  spec = parse(c, 1, platform="tpu")  # dense attention, as release_spec() builds it
+  spec = provenance.from_weights(parse(c, 1, platform="tpu"))  # dense, as release_spec()
   assert spec.model == release_spec()
   changed = spec.model_from_weights["changed"]
   assert changed["decoder_norm_eps"] == (1e-6, 1e-5) and changed["double_tokens"] == (False, True)
@@ -227,7 +227,7 @@ def test_finetune_from_a_converted_classifier(tmp_path, demo_dataset):
   _, out = convert_finetuned(tmp_path, "--loss", "bce")
   config = finetune_config(demo_dataset, init_checkpoint=out, total_steps=2)
   # tiny_config's model: only the released switches differ, and the run takes them.
-  spec = parse(config, 8)
+  spec = provenance.from_weights(parse(config, 8))
   assert spec.model.encoder.double_tokens and spec.model.encoder.separate_audio_patch
   assert set(spec.model_from_weights["changed"]) == {"double_tokens", "separate_audio_patch"}
 
@@ -268,7 +268,7 @@ def test_evaluate_a_converted_classifier(tmp_path, demo_dataset):
   config.mode = "eval"
   spec = parse(config, 8)
   assert not spec.model.encoder.double_tokens
-  run_spec = with_run_model(spec, checkpoint.run_config(out).model, out)
+  run_spec = provenance.from_run(spec, checkpoint.run_config(out), out)
   assert run_spec.model.encoder.double_tokens and run_spec.model.encoder.separate_audio_patch
   results = train.run(config, out)
   assert results["audio-visual"]["num_clips"] == 10

@@ -5,6 +5,7 @@ import re
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from avsiam_jax import pretraining, sharding
@@ -105,14 +106,14 @@ def reference():
 
 
 def test_step_gradient_is_the_pretraining_loss_gradient(reference):
-  """Ties the step to pretrain_losses('total'), so the mesh tests below compare its gradient."""
+  """Ties the step to the pretraining objective, so the mesh tests below compare its gradient."""
   spec, mesh, fns = reference["spec"], reference["mesh"], reference["fns"]
   param_sh = jax.tree.map(lambda a: a.sharding, fns.abstract_state["params"])
   key = jax.random.fold_in(STEP_KEY, 0)  # the step folds in its step number
 
   def loss_fn(params, batch):
-    return pretraining.pretrain_losses(params, fns.graphdef, batch, key, spec.pretrain,
-                                       "total")[0]
+    return pretraining.objective(nnx.merge(fns.graphdef, params), batch, key,
+                                 spec.pretrain)(params)[0]
   fn = jax.jit(jax.value_and_grad(loss_fn),
                in_shardings=(param_sh, sharding.batch_sharding(mesh)),
                out_shardings=(sharding.replicated(mesh), param_sh))

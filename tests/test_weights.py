@@ -10,13 +10,15 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from avsiam_jax import checkpoint
 from avsiam_jax.config import parse
 from avsiam_jax.models import vit
 from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
-from avsiam_jax.weights import convert, load, vit_sources
+from avsiam_jax.weights import convert, load, provenance, signature, vit_sources
 from avsiam_jax.weights.common import SpecMismatch, WeightError, read_tensors
 from conftest import data_file
 from tests.test_train import tiny_config
+from configs import common
 
 GOLDEN = os.path.dirname(data_file("golden", "timm_vit", "meta.json"))
 TIMM = data_file("golden", "timm_vit", "vit_tiny2_timm.safetensors")
@@ -54,7 +56,7 @@ def flat(tree, prefix=""):
 
 def tokens_with_cls(encoder, images_nhwc, cls_1x1xD):
   """timm's forward_features from our pieces: embed, prepend CLS (+ its posemb), blocks, norm."""
-  x = encoder.embed(encoder.patches(images_nhwc, "v"), "v")
+  x = encoder.project_patches(encoder.patches(images_nhwc, "v"), "v")
   cls = jnp.broadcast_to(jnp.asarray(cls_1x1xD), (x.shape[0], 1, x.shape[-1]))
   x = jnp.concatenate([cls, x], axis=1)
   for block in encoder.blocks:
@@ -95,7 +97,7 @@ def test_golden_tokens_and_logits(fmt, golden, golden_model):
   assert err_tokens < 1e-5 and err_logits < 1e-5
   # The encoder's own video path is the same computation without the CLS token.
   enc = model.encoder
-  x = enc.embed(enc.patches(golden["images"], "v"), "v")
+  x = enc.project_patches(enc.patches(golden["images"], "v"), "v")
   for block in enc.blocks:
     x = block(x, "v")
   np.testing.assert_array_equal(np.asarray(enc(golden["images"], "v")),
@@ -249,7 +251,7 @@ def test_audio_path_against_numpy(golden, golden_model):
   patches = img.reshape(gf, p, gt, p).transpose(0, 2, 1, 3).reshape(gf * gt, p * p)
   want = patches @ w_mean.reshape(d, p * p).T + sd["patch_embed.proj.bias"] + pos_v[idx]
   enc = model.encoder
-  got = np.asarray(enc.embed(enc.patches(fbank, "a"), "a"))[0]
+  got = np.asarray(enc.project_patches(enc.patches(fbank, "a"), "a"))[0]
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
 
 
@@ -537,10 +539,11 @@ def test_mm_norm_is_a_recorded_switch(tmp_path):
   assert set(got[True]) - set(got[False]) == {"mm_norm/bias", "mm_norm/scale"}
   for k, v in got[False].items():
     np.testing.assert_array_equal(v, got[True][k], err_msg=k)
-  # A run starting from the directory takes the switch.
+  # A run starting from the directory takes the switch (config.parse reads no record).
   c = tiny_config()
   c.model_init = dirs[False]
-  spec = parse(c, 1)
+  assert parse(c, 1).model.mm_norm is True
+  spec = provenance.from_weights(parse(c, 1))
   assert spec.model.mm_norm is False and spec.model_from_weights["changed"]["mm_norm"] == (
       True, False)
   assert "mm_norm" not in nnx.state(nnx.eval_shape(lambda: AVSiam(spec.model,
@@ -610,3 +613,27 @@ def test_separate_audio_projection_is_filled_when_the_model_has_one(tmp_path):
   w = load_file(TIMM)["patch_embed.proj.weight"]
   np.testing.assert_allclose(new["encoder"]["audio_patch_kernel"][..., 0, :],
                              w.mean(axis=1).transpose(1, 2, 0), atol=1e-7)
+
+
+def test_one_table_of_the_fields_weights_are_tied_to():
+  """signature.FIELDS holds every spec field but the free ones, each set by a config.model key,
+  and the lists made from it are those spelt out before it."""
+  spec_fields = ({f.name for f in dataclasses.fields(vit.EncoderSpec)}
+                 | {f.name for f in dataclasses.fields(AVSiamSpec)} - {"encoder"})
+  assert set(signature.FIELDS) == spec_fields - {"remat", "scan", "attention"}
+  model = common.get_common_config().model
+  for f, row in signature.FIELDS.items():
+    assert row.key in model and row.kind in signature.KINDS and row.part in signature.PARTS, f
+  variant = ("width", "depth", "mlp", "heads", "patch")
+  assert signature.ENCODER == variant + (
+      "image_size", "audio_frames", "mel_bins", "audio_patch_mode", "modality_norms",
+      "double_tokens", "separate_audio_patch", "block_norm_eps", "final_norm_eps", "mm_depth")
+  assert set(signature.FROM_VIT) == set(variant) | {
+      "image_size", "audio_frames", "mel_bins", "audio_patch_mode", "modality_norms", "mm_depth",
+      "decoder_width", "decoder_depth", "decoder_heads", "audio_posemb_init",
+      "separate_audio_patch", "mm_norm"}
+  assert provenance.RUN_KEYS == ("variant",) + signature.ENCODER[len(variant):]
+  # A checkpoint of another model: the hint names every key that shapes the train state.
+  for key in ("variant", "image_size", "mm_depth", "mm_norm", "decoder_width",
+              "separate_audio_patch"):
+    assert key in checkpoint.HINT, key

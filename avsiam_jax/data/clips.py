@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from avsiam_jax.data import examples, media, pipeline
-from avsiam_jax.models.classifier import AUDIO_ONLY, AUDIO_VISUAL, VISUAL_ONLY
+from avsiam_jax.modalities import AUDIO_ONLY, AUDIO_VISUAL, VISUAL_ONLY
 
 # media.ClipError reason -> (modality still usable, why); other reasons fail the clip.
 _FALLBACK = {

@@ -14,8 +14,8 @@ from avsiam_jax.config import RunSpec
 from avsiam_jax.data import pipeline, records, subsets
 from avsiam_jax.evaluators import classification, retrieval
 
-# Result names of the classifier's three inputs.
-INPUTS = {"a": "audio", "v": "visual", "av": "audio-visual"}
+# Eval output suffix ("probs_a", ...) -> the name of its results.
+RESULT_NAMES = {"a": "audio", "v": "visual", "av": "audio-visual"}
 
 
 class Evaluator:
@@ -69,7 +69,7 @@ class Evaluator:
     rows, chosen = self.retrieval_rows(len(outs["feat_a"]))
     results: dict[str, Any] = {"retrieval": dict(
         retrieval.retrieval_metrics(outs["feat_a"][rows], outs["feat_v"][rows]), set=chosen)}
-    for key, name in INPUTS.items():
+    for key, name in RESULT_NAMES.items():
       if f"probs_{key}" in outs:
         results[name] = classification.classification_metrics(outs[f"probs_{key}"],
                                                                outs["labels"])
@@ -101,7 +101,7 @@ def summary(results: dict[str, Any]) -> str:
   r = results["retrieval"]
   parts = [f"zero-shot retrieval on {r['num_clips']} clips: V->A R@1 {r['v2a_r1']:.1f} "
            f"R@5 {r['v2a_r5']:.1f} | A->V R@1 {r['a2v_r1']:.1f} R@5 {r['a2v_r5']:.1f}"]
-  for name in INPUTS.values():
+  for name in RESULT_NAMES.values():
     if name in results:
       c = results[name]
       parts.append(f"{name}: mAP {100 * c['mAP']:.1f} top-1 {100 * c['top1']:.1f}")

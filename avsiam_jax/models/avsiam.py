@@ -1,19 +1,18 @@
 """AVSiam pretraining model: shared encoder, two multimodal blocks, MAE decoder.
 
-Contrastive branch: audio and video go through the shared encoder under multi-ratio masking and
-are mean-pooled. Reconstruction branch: a separate pass at a high mask ratio; the kept tokens of
-both modalities run through the joint (multimodal) blocks, a LayerNorm (`mm_norm`, unless
-spec.mm_norm is off as in the release) and the decoder predicts the masked patches.
+The model embeds, encodes, pools and decodes; the objectives that compose these (masking, the
+contrastive and reconstruction losses) are the pretraining task's (pretraining.py). `decode`
+runs the kept tokens of both modalities through the joint (multimodal) blocks, a LayerNorm
+(`mm_norm`, unless spec.mm_norm is off as in the release) and the decoder, which predicts the
+patches of every position.
 """
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from avsiam_jax import losses, masking
 from avsiam_jax.models import layers
 from avsiam_jax.models.vit import Encoder, EncoderSpec, multimodal_blocks
 
@@ -72,16 +71,16 @@ class AVSiam(nnx.Module):
     del modality
     return self.encoder
 
-  # ----- encoder passes (the contrastive branch composes these; see pretraining.py) ----------
+  # ----- encoder passes (pretraining.py composes these into its losses) ----------------------
 
   def num_tokens(self, modality: str) -> int:
     spec = self.encoder_for(modality).spec
     return spec.num_audio_tokens if modality == "a" else spec.num_video_tokens
 
   def embed(self, x, modality: str):
-    """Patch tokens with position embeddings (B, N, D), before any block."""
+    """Patch tokens of raw inputs with position embeddings (B, N, D), before any block."""
     enc = self.encoder_for(modality)
-    return enc.embed(enc.patches(x, modality), modality)
+    return enc.project_patches(enc.patches(x, modality), modality)
 
   def encode(self, tokens_BxNxD, modality: str, segments=None):
     """The encoder's blocks and final norm over (possibly masked) tokens; segments: the
@@ -90,61 +89,40 @@ class AVSiam(nnx.Module):
 
   @staticmethod
   def pool(tokens_BxNxD):
-    """Mean over tokens, float32: the feature the contrastive loss and retrieval compare."""
-    return tokens_BxNxD.astype(jnp.float32).mean(axis=1)
+    """The feature the contrastive loss and retrieval compare: layers.mean_pool (float32)."""
+    return layers.mean_pool(tokens_BxNxD)
 
   def features(self, x, modality: str):
     """Unmasked pooled features (B, D), float32."""
     return self.pool(self.encoder_for(modality)(x, modality))
 
-  # ----- reconstruction branch ------------------------------------------------------------
+  # ----- decoder ---------------------------------------------------------------------------
 
-  def reconstruction_noise(self, key, batch: int):
-    """{modality: (B, N)} masking noise of the reconstruction pass."""
-    return {m: masking.mask_noise(jax.random.fold_in(key, i), batch, self.num_tokens(m))
-            for i, m in enumerate(MODALITIES)}
-
-  def reconstruction_loss(self, audio, video, key, *, mask_ratio: float, stop_gradient: bool,
-                          noise=None):
-    """Masked-patch MSE, audio + video, from one pass at `mask_ratio`.
-
-    noise: reconstruction_noise rows for these examples; drawn here from `key` when None.
-    """
-    if noise is None:
-      noise = self.reconstruction_noise(key, audio.shape[0])
-    inputs = {"a": audio, "v": video}
-    kept, restore, targets, n_keep = {}, {}, {}, {}
-    for m in MODALITIES:
-      enc = self.encoder_for(m)
-      patches = enc.patches(inputs[m], m)
-      targets[m] = patches.astype(jnp.float32)
-      n_keep[m] = masking.kept_count(patches.shape[1], mask_ratio)
-      tokens = enc.embed(patches, m)
-      tokens, _, restore[m] = masking.keep_by_noise(noise[m], tokens, n_keep[m])
-      kept[m] = enc.encode_tokens(tokens, m)
-    x = jnp.concatenate([kept["a"], kept["v"]], axis=1)
-    if stop_gradient:
-      # The paper stops the reconstruction gradient before the multimodal layers.
-      x = jax.lax.stop_gradient(x)
+  def decode(self, kept_a, kept_v, restore_a, restore_v) -> dict:
+    """Predicted patches of every position, {'a': (B, Na, p*p), 'v': (B, Nv, p*p*3)} in the
+    compute dtype, from the encoded kept tokens of each modality (B, n_keep, D) and their
+    restore orders (B, N) (masking.keep_by_noise): mask tokens fill the dropped positions."""
+    restore = {"a": restore_a, "v": restore_v}
+    x = jnp.concatenate([kept_a, kept_v], axis=1)
     x = layers.run_blocks(self.mm_blocks, x, "x", scan=self.spec.encoder.scan)
     x = self.decoder_embed(self.mm_norm(x) if self.spec.mm_norm else x)
 
-    parts, split = [], n_keep["a"]
+    parts, split = [], kept_a.shape[1]
     for m, kept_m in zip(MODALITIES, (x[:, :split], x[:, split:])):
       b, n = restore[m].shape
       full = jnp.concatenate(
           [kept_m, jnp.broadcast_to(self.mask_token[...].astype(x.dtype),
-                                    (b, n - n_keep[m], x.shape[-1]))], axis=1)
+                                    (b, n - kept_m.shape[1], x.shape[-1]))], axis=1)
       full = jnp.take_along_axis(full, restore[m][..., None], axis=1)
-      parts.append(full + (self.decoder_posemb[m][...] + self.modality_token[m][...]).astype(x.dtype))
+      pos = self.decoder_posemb[m][...] + self.modality_token[m][...]
+      parts.append(full + pos.astype(x.dtype))
     y = jnp.concatenate(parts, axis=1)
     y = layers.run_blocks(self.decoder_blocks, y, "x", scan=self.spec.encoder.scan)
     y = self.decoder_norm(y)
 
-    loss, offset = 0.0, 0
+    preds, offset = {}, 0
     for m in MODALITIES:
       n = restore[m].shape[1]
-      pred = self.decoder_pred[m](y[:, offset:offset + n])
+      preds[m] = self.decoder_pred[m](y[:, offset:offset + n])
       offset += n
-      loss += losses.masked_mse(pred, targets[m], masking.masked_positions(restore[m], n_keep[m]))
-    return loss
+    return preds

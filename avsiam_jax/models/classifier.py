@@ -7,6 +7,8 @@ classifier's convert into them: weights/avsiam_release.py). Heads, by released n
   head_v  (mlp_head):    LayerNorm + Dense on mean-pooled video tokens;
   head_av (mlp_head_mm): LayerNorm + Dense on [mean audio part, mean video part] (2D) of the
                          concatenated tokens after the multimodal blocks.
+Means are layers.mean_pool's (float32, as pretraining's features); the heads take them in the
+compute dtype.
 """
 from __future__ import annotations
 
@@ -22,10 +24,6 @@ from avsiam_jax.models import layers
 from avsiam_jax.models.vit import Encoder, EncoderSpec, multimodal_blocks
 
 PRETRAINED = ("encoder", "mm_blocks")
-# The classifier's three inputs (the finetuning step draws one per step or per part of the
-# batch; predictions name one).
-AUDIO_VISUAL, AUDIO_ONLY, VISUAL_ONLY = "audio-visual", "audio-only", "visual-only"
-INPUTS = (AUDIO_VISUAL, AUDIO_ONLY, VISUAL_ONLY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +41,11 @@ class Head(nnx.Module):
 
   def __call__(self, x_BxD):
     return self.dense(self.norm(x_BxD))
+
+
+def _head_mean(tokens_BxNxD):
+  """A head's input from tokens: their float32 mean (layers.mean_pool), in the compute dtype."""
+  return layers.mean_pool(tokens_BxNxD).astype(tokens_BxNxD.dtype)
 
 
 class AVSiamClassifier(nnx.Module):
@@ -65,48 +68,49 @@ class AVSiamClassifier(nnx.Module):
     x = jnp.concatenate([a_BxNaxD, v_BxNvxD], axis=1)
     x = layers.run_blocks(self.mm_blocks, x, "x", scan=self.encoder.spec.scan)
     n = a_BxNaxD.shape[1]
-    return jnp.concatenate([x[:, :n].mean(axis=1), x[:, n:].mean(axis=1)], axis=-1)
+    return jnp.concatenate([_head_mean(x[:, :n]), _head_mean(x[:, n:])], axis=-1)
 
-  def features(self, audio=None, video=None):
+  def head_input(self, audio=None, video=None):
     """Pooled head input: (B, D) for one modality, (B, 2D) for both, in the compute dtype."""
     if audio is None and video is None:
       raise ValueError("need audio, video or both")
     if video is None:
-      return self.encoder(audio, "a").mean(axis=1)
+      return _head_mean(self.encoder(audio, "a"))
     if audio is None:
-      return self.encoder(video, "v").mean(axis=1)
+      return _head_mean(self.encoder(video, "v"))
     return self.fuse(self.encoder(audio, "a"), self.encoder(video, "v"))
 
   def __call__(self, audio=None, video=None):
     """Logits (B, num_classes): the audio, video or audio-visual head by what is given."""
-    f = self.features(audio, video)
+    f = self.head_input(audio, video)
     head = self.head_a if video is None else self.head_v if audio is None else self.head_av
     return head(f).astype(jnp.float32)
 
   def branch_logits(self, audio, video):
     """Float32 logits (B, num_classes) of model(audio, video), model(audio, None) and
-    model(None, video), in INPUTS order, from one encoder pass per modality."""
+    model(None, video), in modalities.BRANCHES order, from one encoder pass per modality."""
     a, v = self.encoder(audio, "a"), self.encoder(video, "v")
-    out = (self.head_av(self.fuse(a, v)), self.head_a(a.mean(axis=1)), self.head_v(v.mean(axis=1)))
+    out = (self.head_av(self.fuse(a, v)), self.head_a(_head_mean(a)), self.head_v(_head_mean(v)))
     return tuple(x.astype(jnp.float32) for x in out)
 
   def clip_outputs(self, audio_BxTxF, frames_BxFxHxWx3):
     """Everything evaluation needs from a clip and all its frames, audio encoded once.
 
     Returns float32 logits {'a': (B, C), 'v': (B, F, C), 'av': (B, F, C)} (one audio-visual
-    prediction per frame) and the pooled encoder features {'a': (B, D), 'v': (B, F, D)}.
+    prediction per frame) and the pooled encoder features {'a': (B, D), 'v': (B, F, D)}, float32
+    as pretraining's (AVSiam.features).
     """
     f = frames_BxFxHxWx3.shape[1]
     per_frame = lambda t: einops.rearrange(t, "(b f) d -> b f d", f=f)
     a = self.encoder(audio_BxTxF, "a")
     v = self.encoder(einops.rearrange(frames_BxFxHxWx3, "b f h w c -> (b f) h w c"), "v")
-    feat_a, feat_v = a.mean(axis=1), v.mean(axis=1)
+    feat_a, feat_v = layers.mean_pool(a), layers.mean_pool(v)
     fused = self.fuse(jnp.repeat(a, f, axis=0), v)
-    logits = {"a": self.head_a(feat_a), "v": per_frame(self.head_v(feat_v)),
+    logits = {"a": self.head_a(feat_a.astype(a.dtype)),
+              "v": per_frame(self.head_v(feat_v.astype(v.dtype))),
               "av": per_frame(self.head_av(fused))}
-    feats = {"a": feat_a, "v": per_frame(feat_v)}
-    f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
-    return f32(logits), f32(feats)
+    logits = jax.tree.map(lambda x: x.astype(jnp.float32), logits)
+    return logits, {"a": feat_a, "v": per_frame(feat_v)}
 
 
 def load_pretrained(params: dict, pretrain_params: dict) -> dict:

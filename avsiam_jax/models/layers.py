@@ -51,6 +51,11 @@ def constrain(x, axes: tuple):
 TOKENS = ("batch", "tokens", "act_embed")
 
 
+def mean_pool(x_BxNxD):
+  """Mean over tokens in float32 (B, D): every pooled feature, whatever the compute dtype."""
+  return x_BxNxD.astype(jnp.float32).mean(axis=1)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm computed in float32 whatever the compute dtype (bf16 variance is too coarse)."""
 
@@ -161,9 +166,9 @@ def segmented_attention(attention, q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, segments=Non
   another or the padding, whose outputs are never used.
 
   dense (auto's choice on TPU) masks each whole row: fewer, larger products, which XLA's TPU
-  compiler builds faster and its cost model runs faster than one slice per segment (Base: 315
-  against 298 samples/s per v5p chip), for 2 % more FLOPs. chunked (one CPU) and cudnn slice
-  each segment out: on a CPU the masked scores cost more than the many small products.
+  compiler builds and runs faster than one slice per segment, for a few more FLOPs
+  (docs/benchmarks.md, TPU plan). chunked (one CPU) and cudnn slice each segment out: on a CPU
+  the masked scores cost more than the many small products.
   """
   if segments is None:
     return attention(q_BxHxLxK, k_BxHxLxK, v_BxHxLxK)

@@ -176,8 +176,8 @@ class Encoder(nnx.Module):
       return patchify_audio(x, self.spec)
     return patchify_video(x, self.spec.patch)
 
-  def embed(self, patches_BxNxP, modality: str):
-    """Patch projection plus position embedding: (B, N, p*p*C) -> (B, N, D)."""
+  def project_patches(self, patches_BxNxP, modality: str):
+    """Patch projection plus position embedding: (B, N, p*p*C) -> (B, N, D) tokens."""
     dt = self.dtype
     x = patches_BxNxP.astype(dt) @ self.patch_kernel_for(modality).astype(dt)
     pos = self.audio_posemb if modality == "a" else self.video_posemb
@@ -194,7 +194,8 @@ class Encoder(nnx.Module):
 
   def __call__(self, x, modality: str):
     """Unmasked encoding of raw inputs: (B, N, D) tokens."""
-    return self.encode_tokens(self.embed(self.patches(x, modality), modality), modality)
+    return self.encode_tokens(self.project_patches(self.patches(x, modality), modality),
+                              modality)
 
 
 def multimodal_blocks(encoder: Encoder, depth: int, *, rngs: nnx.Rngs, dtype=jnp.float32):

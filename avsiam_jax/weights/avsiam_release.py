@@ -34,8 +34,8 @@ import numpy as np
 from avsiam_jax.models.avsiam import AVSiamSpec
 from avsiam_jax.weights.common import (Source, SpecMismatch, Target, WeightError, require,
                                        strip_prefix)
-from avsiam_jax.weights.place import (DECODER_SHAPE_FIELDS, ENCODER_FIELDS, PRETRAIN_FIELDS,
-                                      put_block)
+from avsiam_jax.weights import signature
+from avsiam_jax.weights.place import put_block
 from avsiam_jax.weights.vit_sources import timm_block
 
 BACKBONES = ("vit_base", "vit_large", "vit_huge")
@@ -207,7 +207,7 @@ def place_release(flat: dict[str, np.ndarray], spec: AVSiamSpec, params: dict, *
   if "mm_norm/scale" in t:
     t.keep_fresh("mm_norm")
 
-  required = list(ENCODER_FIELDS)
+  required = list(signature.ENCODER)
   if "decoder_embed/kernel" not in t:   # the classifier
     for prefix in ("decoder_", "mask_token"):
       s.drop_prefix(prefix, "the classifier has no decoder")
@@ -215,7 +215,7 @@ def place_release(flat: dict[str, np.ndarray], spec: AVSiamSpec, params: dict, *
     require(spec.decoder_norm_eps, RELEASE_DECODER_EPS, "config.model.decoder_norm_eps",
             "the released decoder LayerNorms use torch's default eps")
     _place_decoder(s, spec, t, d)
-    required += [*DECODER_SHAPE_FIELDS, "decoder_norm_eps", *PRETRAIN_FIELDS]
+    required += signature.fields(("shape", "trained"), ("pretrain",))
     if "mm_norm/scale" in t:
       notes.append("mm_norm starts fresh: the released pretraining model feeds the multimodal "
                    "layers' output to decoder_embed without a LayerNorm")
@@ -226,7 +226,7 @@ def place_release(flat: dict[str, np.ndarray], spec: AVSiamSpec, params: dict, *
     for p_ in DECODER_FRESH:
       t.keep_fresh(p_)
     # The fresh decoder is stored with these shapes, and mm_norm or not.
-    required += [*DECODER_SHAPE_FIELDS, *PRETRAIN_FIELDS]
+    required += signature.fields(("shape",), ("pretrain",))
     notes.append("no decoder in the source (a finetuned checkpoint): decoder fresh")
   return t.result(), {"dropped": s.finish(), "notes": notes, "fresh": sorted(t.fresh),
                       "required": required}

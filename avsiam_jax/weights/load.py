@@ -20,24 +20,13 @@ import numpy as np
 
 from avsiam_jax import trees
 from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
-from avsiam_jax.weights import avsiam_release, place, vit_sources
+from avsiam_jax.weights import avsiam_release, place, signature, vit_sources
 from avsiam_jax.weights.common import SpecMismatch, WeightError, read_tensors
 
 SOURCE_FORMATS = ("vitjax", "timm", "avsiam")  # files of other projects
 FORMATS = ("converted",) + SOURCE_FORMATS     # and directories written by convert
 META_FILE = "avsiam_init.json"
 PARAMS_DIR = "params"
-
-# Spec fields a converted checkpoint depends on (checked when it is loaded, taken by the trainer).
-# An image ViT fixes the shapes, the audio posemb resize and the audio projection layout; the
-# released AVSiam's converter lists its own (the encoder's switches, the decoder's when converted).
-_SHAPE_FIELDS = ("width", "depth", "mlp", "heads", "patch", "image_size", "audio_frames",
-                 "mel_bins", "audio_patch_mode", "modality_norms", "mm_depth", "decoder_width",
-                 "decoder_depth", "decoder_heads")
-REQUIRED = {
-    "vitjax": _SHAPE_FIELDS + ("audio_posemb_init", "separate_audio_patch", *place.PRETRAIN_FIELDS),
-    "timm": _SHAPE_FIELDS + ("audio_posemb_init", "separate_audio_patch", *place.PRETRAIN_FIELDS),
-}
 
 
 def fresh_params(spec: AVSiamSpec, seed=0) -> dict:
@@ -65,7 +54,7 @@ def convert_source(path: str, fmt: str, spec: AVSiamSpec, params: dict, *,
            else vit_sources.read_timm(flat, spec.encoder.heads))
     new, info = place.place_vit(vit, spec, params)
     info["dropped"] = vit.dropped
-    info["required"] = list(REQUIRED[fmt])
+    info["required"] = list(signature.FROM_VIT)
   return new, info
 
 
@@ -73,8 +62,11 @@ def read_meta(directory: str) -> dict:
   meta_path = os.path.join(directory, META_FILE)
   if not os.path.isfile(meta_path):
     raise WeightError(f"{directory!r} is not a converted checkpoint: no {META_FILE}")
-  with open(meta_path) as f:
-    return json.load(f)
+  try:
+    with open(meta_path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise WeightError(f"{meta_path}: cannot be read: {e}") from e
 
 
 def _pretraining_model(meta: dict) -> bool:
@@ -82,26 +74,27 @@ def _pretraining_model(meta: dict) -> bool:
   return meta.get("layout") != "run" and "decoder_width" in meta.get("required", ())
 
 
+def _parts(meta: dict) -> tuple[str, ...]:
+  return signature.PARTS if _pretraining_model(meta) else ("encoder",)
+
+
 def recorded_switches(meta: dict) -> dict:
-  """The spec switches a converted checkpoint was made with; records written before mm_norm was
-  a switch hold a pretraining model with the norm."""
-  switches = dict(meta.get("switches", {}))
-  if _pretraining_model(meta):
-    switches.setdefault("mm_norm", True)
-  return switches
+  """The spec switches a converted checkpoint was made with; a switch its record predates has
+  the value of the models built before it (signature.FIELDS legacy)."""
+  return {**signature.legacy(signature.fields(parts=_parts(meta))), **meta.get("switches", {})}
 
 
 def required_fields(meta: dict) -> list[str]:
-  """The spec fields a converted checkpoint was made for, from its record (older records, whose
-  list lacked the audio projection, the decoder eps and mm_norm, get them here)."""
+  """The spec fields a converted checkpoint was made for: its record's list and the fields that
+  decide which of its leaves exist (which older records did not all list)."""
   required = meta.get("required", ())
-  fields = [*required, "separate_audio_patch"]  # it decides which leaves exist
+  fields = [*required, *signature.fields(("shape",), _parts(meta))]
   fresh = meta.get("fresh")
+  # Records of the release converter from before it listed separate_audio_patch also left out
+  # the eps its decoder was trained with (1e-5), when it converted the decoder.
   if (meta.get("source_format") == "avsiam" and "separate_audio_patch" not in required
       and fresh is not None and not any(p.startswith("decoder_norm/") for p in fresh)):
-    fields.append("decoder_norm_eps")  # the released decoder, trained with eps 1e-5
-  if _pretraining_model(meta):
-    fields += place.PRETRAIN_FIELDS  # they decide which leaves exist
+    fields += signature.fields(("trained",), ("pretrain",))
   return list(dict.fromkeys(fields))
 
 
@@ -112,7 +105,7 @@ def recorded_model_config(directory: str) -> dict[str, object]:
   switches = recorded_switches(meta)
   out = {}
   for f in required_fields(meta):
-    key = place.config_key(f).rpartition(".")[2]
+    key = signature.config_key(f).removeprefix("config.model.")
     if key == "variant":
       if meta.get("variant"):
         out["variant"] = meta["variant"]
@@ -136,8 +129,8 @@ def load_converted(directory: str, spec: AVSiamSpec, params: dict) -> dict:
         f"{directory!r} is a converted classifier (a finetuning run directory): finetune from it "
         "with config.finetune.init_checkpoint, or predict with python -m avsiam_jax.predict; "
         "to start pretraining from its encoder, convert the file with --drop-heads")
-  place.check_switches(recorded_switches(meta), spec, required_fields(meta),
-                       f"{directory!r} was converted with other model settings")
+  signature.check_switches(recorded_switches(meta), spec, required_fields(meta),
+                           f"{directory!r} was converted with other model settings")
   stored = read_converted(directory)
   targets = trees.flatten(params)
   for key, v in targets.items():

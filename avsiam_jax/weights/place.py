@@ -8,13 +8,14 @@ decoder keep their fresh values from `params`.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from avsiam_jax.models.avsiam import AVSiamSpec
-from avsiam_jax.models.vit import encoder_spec, resize_posemb
+from avsiam_jax.models.vit import resize_posemb
 from avsiam_jax.weights.common import SpecMismatch, Target
+# The weight-tied fields are signature.py's; finetuning.py and convert.py read them from here.
+from avsiam_jax.weights.signature import (  # pylint: disable=unused-import
+    ENCODER as ENCODER_FIELDS, check_switches, config_key, config_switches, spec_switches)
 from avsiam_jax.weights.vit_sources import ViTWeights
 
 # Parameters that the AVSiam initialization always leaves fresh (from `params`).
@@ -24,51 +25,6 @@ FRESH_FROM_VIT = ("mm_norm", "decoder_embed", "mask_token", "decoder_posemb", "m
 ATTN_MLP = {"attn/qkv": "qkv", "attn/qkv_bias": "qkv_bias", "attn/out": "out",
             "attn/out_bias": "out_bias", "mlp/fc1/kernel": "fc1_kernel", "mlp/fc1/bias": "fc1_bias",
             "mlp/fc2/kernel": "fc2_kernel", "mlp/fc2/bias": "fc2_bias"}
-
-_VARIANT_FIELDS = ("width", "depth", "mlp", "heads", "patch")
-# The switches trained encoder and multimodal-block weights are tied to (a run that starts from
-# them must use the same); remat, scan and audio_posemb_init (an initialization) are free.
-ENCODER_FIELDS = _VARIANT_FIELDS + (
-    "image_size", "audio_frames", "mel_bins", "audio_patch_mode", "modality_norms",
-    "double_tokens", "separate_audio_patch", "block_norm_eps", "final_norm_eps", "mm_depth")
-DECODER_SHAPE_FIELDS = ("decoder_width", "decoder_depth", "decoder_heads")
-# Pretraining-model switches outside the encoder that decide which parameters exist: converted
-# pretraining weights (those with a decoder, fresh or trained) are tied to them; a classifier
-# has no such parameters.
-PRETRAIN_FIELDS = ("mm_norm",)
-
-
-def config_key(field: str) -> str:
-  """The trainer's config key for a spec field."""
-  if field in _VARIANT_FIELDS:
-    return "config.model.variant"
-  return f"config.model.{field}"
-
-
-def spec_switches(spec: AVSiamSpec) -> dict:
-  """Every encoder and AVSiam field, flat (the record written next to a converted checkpoint)."""
-  out = dataclasses.asdict(spec.encoder)
-  out.update({k: v for k, v in dataclasses.asdict(spec).items() if k != "encoder"})
-  return out
-
-
-def config_switches(model_config) -> dict:
-  """The spec fields a config.model section (a run's config.json) sets, flat like
-  `spec_switches`; fields an older config lacks are left out."""
-  out = {f: model_config[f] for f in spec_switches(AVSiamSpec(encoder_spec("test")))
-         if f not in _VARIANT_FIELDS and f in model_config}
-  if "variant" in model_config:
-    enc = encoder_spec(model_config["variant"])
-    out.update({f: getattr(enc, f) for f in _VARIANT_FIELDS})
-  return out
-
-
-def check_switches(recorded: dict, spec: AVSiamSpec, fields, why: str) -> None:
-  now = spec_switches(spec)
-  for f in fields:
-    if f in recorded and now.get(f) != recorded[f]:
-      raise SpecMismatch(f"{why}: set {config_key(f)} = {recorded[f]!r} (it is {now.get(f)!r}; "
-                         f"field {f!r})")
 
 
 def put_block(t: Target, path: str, b: dict, bs: dict, streams: dict[str, str]) -> None:

@@ -1,0 +1,94 @@
+"""The task interface: both tasks declare it, and train() runs a task it has never heard of."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from avsiam_jax import optim, pretraining, selection, train
+from avsiam_jax.config import parse
+from avsiam_jax.models import layers
+from avsiam_jax.task import Task
+from tests.test_finetune import finetune_config
+from tests.test_train import tiny_config
+
+
+def test_both_tasks_are_tasks(demo_dataset):
+  pre = train.make_task(parse(tiny_config(), 1), "pretrain")
+  fine = train.make_task(parse(finetune_config(demo_dataset), 1), "finetune", 4)
+  for task in (pre, fine):
+    assert isinstance(task, Task), type(task).__name__
+  assert (pre.selection_loss, fine.selection_loss) == (None, "ce")
+  assert not pre.random_init_warning and "init_checkpoint" in fine.random_init_warning
+
+
+class ToyModel(nnx.Module):
+  """Pooled raw inputs, one projection per modality: compiles in a blink."""
+
+  def __init__(self, mel_bins: int, *, rngs: nnx.Rngs):
+    self.a = layers.Dense(mel_bins, 8, axes=(None, None), rngs=rngs)
+    self.v = layers.Dense(3, 8, axes=(None, None), rngs=rngs)
+
+  def __call__(self, audio_BxTxF, video_BxHxWx3):
+    return self.a(layers.mean_pool(audio_BxTxF)), self.v(video_BxHxWx3.mean(axis=(1, 2)))
+
+
+class ToyTask(pretraining.PretrainTask):
+  """A third objective (pretraining's data and weights; its own name, model, optimizer, steps,
+  logs and selection loss) that the loop must run without knowing it."""
+
+  name = "toy"
+  selection_loss = "toy-loss"
+  random_init_warning = "toy: from scratch"
+
+  def model(self, rngs):
+    return ToyModel(self.spec.model.encoder.mel_bins, rngs=rngs)
+
+  def opt_groups(self, param_keys):
+    return {"toy_adam": tuple(param_keys)}
+
+  def train_step(self, state, batch, key, *, graphdef, groups, schedule):
+    del key
+
+    def loss_fn(params):
+      fa, fv = nnx.merge(graphdef, params)(batch["audio"], batch["video"])
+      return jnp.mean(jnp.square(fa - fv))
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    params, opt = optim.apply_group(groups["toy_adam"], grads, state["opt"]["toy_adam"],
+                                    state["params"])
+    metrics = {"loss": loss, "toy_grad_norm": optax.tree.norm(grads),
+               "lr": schedule(state["step"])}
+    return {"params": params, "opt": {"toy_adam": opt}, "step": state["step"] + 1}, metrics
+
+  def eval_step(self, params, batch, *, graphdef):
+    fa, fv = nnx.merge(graphdef, params)(batch["audio"], batch["video"][:, self.spec.eval.frame])
+    return {"feat_a": fa, "feat_v": fv}
+
+  def log_fields(self, metrics):
+    return f"toy loss {metrics['loss']:.4f}"
+
+
+def test_train_runs_a_new_task_from_the_registry(demo_dataset, tmp_path, monkeypatch, caplog):
+  assert isinstance(ToyTask(parse(tiny_config(), 1)), Task)
+  monkeypatch.setitem(train.TASKS, "pretrain", ToyTask)
+  scored = []
+  score = selection.score
+  monkeypatch.setattr(selection, "score", lambda results, loss: scored.append(loss) or score(
+      results, loss))
+  config = tiny_config(batch=40)
+  config.data.demo, config.data.dir = False, demo_dataset
+  config.total_steps, config.eval.every_epoch = None, True
+  config.epochs, config.log_every_steps = 2, 1
+  workdir = str(tmp_path / "toy")
+  with caplog.at_level("INFO"):
+    results = train.train(parse(config, jax.device_count()), workdir)
+  assert results["step"] == 2  # 40 clips, batch 40
+  assert scored == ["toy-loss"] * 2
+  assert results["model_selection"]
+  assert "toy: from scratch" in caplog.text
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["retrieval"]["num_clips"] == 10
+  progress = [r.getMessage() for r in caplog.records if "toy loss" in r.getMessage()]
+  assert progress, caplog.text
