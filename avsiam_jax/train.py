@@ -15,7 +15,6 @@ iterator, log fields, weight sources and selection loss; TASKS maps a stage to i
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -24,7 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from avsiam_jax import (checkpoint, finetuning, pretraining, progress, selection, sharding,
-                        state)
+                        state, utils)
 from avsiam_jax import config as config_lib
 from avsiam_jax.config import ConfigError, RunSpec
 from avsiam_jax.data import demo, records, subsets
@@ -83,16 +82,10 @@ def run(config, workdir: str) -> dict[str, Any]:
     results[name] = train(spec.stage(name, workdir), os.path.join(workdir, name))
     if results[name].get("preempted"):
       return results[name]
-  _write_json(os.path.join(workdir, "results.json"), results)
+  utils.write_json(os.path.join(workdir, "results.json"), results)
   logging.info("Pretraining: %s", summary(results["pretrain"]))
   logging.info("Finetuning: %s", summary(results["finetune"]))
   return results
-
-
-def _write_json(path: str, obj) -> None:
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(obj, f, indent=1)
 
 
 def _dataset(spec: RunSpec, workdir: str, stage: str) -> tuple[str, dict]:
@@ -157,9 +150,9 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
   record["data"]["frame_resize"] = info.get("frames", {}).get("resize", "crop")
   record["data"]["frame_span"] = info.get("frames", {}).get("span", "first")
   record["data"]["downmix"] = info.get("fbank", {}).get("downmix")  # None: the earlier rule
-  _write_json(os.path.join(workdir, checkpoint.CONFIG_FILE), record)
+  utils.write_json(os.path.join(workdir, checkpoint.CONFIG_FILE), record)
   if label_names:
-    _write_json(os.path.join(workdir, checkpoint.LABELS_FILE), label_names)
+    utils.write_json(os.path.join(workdir, checkpoint.LABELS_FILE), label_names)
   train_iter = task.train_iterator(
       ds_dir, batch_size=sched.batch_size // jax.process_count(),
       audio_frames=spec.model.encoder.audio_frames, image_size=spec.model.encoder.image_size,
@@ -244,7 +237,7 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
       results = dict(best.state["best_results"], last_step=dict(results, step=step))
     results["model_selection"] = best.summary(stopped_early)
   results = dict(results, step=step)
-  _write_json(os.path.join(workdir, "results.json"), results)
+  utils.write_json(os.path.join(workdir, "results.json"), results)
   logging.info("Step %d, %s", step, summary(results))
   return results
 
@@ -276,7 +269,7 @@ def evaluate_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
       params, plot_path=os.path.join(workdir, "embeddings.png"), title=stage)
   results = dict(results, step=trained.step, split=spec.data.eval_split)
   progress.Logger(workdir, trained.step, 1).scalars(trained.step, flat_scalars(results))
-  _write_json(os.path.join(workdir, f"eval_{spec.data.eval_split}.json"), results)
+  utils.write_json(os.path.join(workdir, f"eval_{spec.data.eval_split}.json"), results)
   logging.info("Checkpoint step %d on %s: %s", trained.step, spec.data.eval_split,
                summary(results))
   return results

@@ -168,27 +168,23 @@ def write_shard(path: str, examples: Iterable[dict[str, Any]], num_classes: int)
 # ---------------------------------------------------------------- metadata
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+  """`value` itself, or ValueError naming the setting unless it is one of `choices`."""
+  if value not in choices:
+    raise ValueError(f"{name} {value!r}: expected one of {', '.join(map(repr, choices))}")
+  return value
+
+
 def check_frame_resize(frame_resize: str) -> str:
-  """`frame_resize` itself, or ValueError naming it unless it is one of FRAME_RESIZES."""
-  if frame_resize not in FRAME_RESIZES:
-    raise ValueError(f"frame_resize {frame_resize!r}: expected one of "
-                     f"{', '.join(map(repr, FRAME_RESIZES))}")
-  return frame_resize
+  return _check_choice("frame_resize", frame_resize, FRAME_RESIZES)
 
 
 def check_downmix(downmix: str) -> str:
-  """`downmix` itself, or ValueError naming it unless it is one of DOWNMIXES."""
-  if downmix not in DOWNMIXES:
-    raise ValueError(f"downmix {downmix!r}: expected one of {', '.join(map(repr, DOWNMIXES))}")
-  return downmix
+  return _check_choice("downmix", downmix, DOWNMIXES)
 
 
 def check_frame_span(frame_span: str) -> str:
-  """`frame_span` itself, or ValueError naming it unless it is one of FRAME_SPANS."""
-  if frame_span not in FRAME_SPANS:
-    raise ValueError(f"frame_span {frame_span!r}: expected one of "
-                     f"{', '.join(map(repr, FRAME_SPANS))}")
-  return frame_span
+  return _check_choice("frame_span", frame_span, FRAME_SPANS)
 
 
 def earlier_downmix_message(dataset_dir: str) -> str:
