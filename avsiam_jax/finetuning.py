@@ -17,7 +17,7 @@ from avsiam_jax.models.avsiam import AVSiam
 from avsiam_jax.models.classifier import (PRETRAINED, AVSiamClassifier, ClassifierSpec,
                                            load_pretrained)
 from avsiam_jax.task import Task
-from avsiam_jax.weights import load, place
+from avsiam_jax.weights import load, signature
 
 HEADS = ("head_a", "head_v", "head_av")
 
@@ -103,9 +103,9 @@ def pretrained_avsiam_params(spec: RunSpec, key) -> dict:
     run = checkpoint.load_run(spec.finetune.init_checkpoint)
     # Stored leaves the model would not ask for (e.g. a separate audio projection) go unread:
     # the run's recorded switches must be the model's.
-    place.check_switches(place.config_switches(run.config.get("model") or {}), spec.model,
-                         place.ENCODER_FIELDS, f"{run.workdir} was trained with other model "
-                         "settings")
+    signature.check_switches(signature.config_switches(run.config.get("model") or {}),
+                             spec.model, signature.ENCODER,
+                             f"{run.workdir} was trained with other model settings")
     abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
         lambda: AVSiam(spec.model, rngs=nnx.Rngs(0))), nnx.Param))
     return jax.device_get(checkpoint.restore_params(run, {k: abstract[k] for k in PRETRAINED}))

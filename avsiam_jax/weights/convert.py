@@ -32,7 +32,7 @@ from avsiam_jax import trees, utils
 from avsiam_jax.data import records
 from avsiam_jax.models.avsiam import AVSiamSpec
 from avsiam_jax.models.vit import EncoderSpec, encoder_spec
-from avsiam_jax.weights import avsiam_release, load, place
+from avsiam_jax.weights import avsiam_release, load, signature
 from avsiam_jax.weights.common import WeightError, read_tensors
 
 # Encoder switches the released AVSiam checkpoints need (the CLI's defaults for --format avsiam).
@@ -64,7 +64,7 @@ def _record(src, fmt, spec, variant, seed, new, info) -> dict:
       "source_format": fmt,
       "source_path": os.path.abspath(src),
       "seed": seed,
-      "switches": place.spec_switches(spec),
+      "switches": signature.spec_switches(spec),
       "required": info["required"],
       "config_overrides": config_overrides(spec),
       "num_params": int(sum(np.size(v) for v in trees.flatten(new).values())),
@@ -127,8 +127,8 @@ def read_label_names(path: str) -> list[str]:
 
 def run_config(spec: AVSiamSpec, variant: str, loss: str, frame_resize: str) -> dict:
   """The config.json of a converted classifier: what inference and finetuning read from a run."""
-  model = {k: v for k, v in place.spec_switches(spec).items()
-           if place.config_key(k) != "config.model.variant"}
+  model = {k: v for k, v in signature.spec_switches(spec).items()
+           if signature.config_key(k) != "config.model.variant"}
   model.update(variant=variant, dtype="float32", remat="none", scan=False)
   return {"mode": "finetune", "seed": 0, "model": model,
           "finetune": {"loss": loss, "init_checkpoint": ""},
@@ -177,8 +177,8 @@ def config_overrides(spec: AVSiamSpec) -> dict[str, object]:
   """Trainer config keys whose value must differ from the default to match `spec`."""
   base = AVSiamSpec(encoder=EncoderSpec(**{f: getattr(spec.encoder, f) for f in
                                            ("width", "depth", "mlp", "heads", "patch")}))
-  now, default = place.spec_switches(spec), place.spec_switches(base)
-  return {place.config_key(k): v for k, v in now.items() if v != default[k]}
+  now, default = signature.spec_switches(spec), signature.spec_switches(base)
+  return {signature.config_key(k): v for k, v in now.items() if v != default[k]}
 
 
 def spec_from_args(a: argparse.Namespace) -> AVSiamSpec:

@@ -13,9 +13,6 @@ import numpy as np
 from avsiam_jax.models.avsiam import AVSiamSpec
 from avsiam_jax.models.vit import resize_posemb
 from avsiam_jax.weights.common import SpecMismatch, Target
-# The weight-tied fields are signature.py's; finetuning.py and convert.py read them from here.
-from avsiam_jax.weights.signature import (  # pylint: disable=unused-import
-    ENCODER as ENCODER_FIELDS, check_switches, config_key, config_switches, spec_switches)
 from avsiam_jax.weights.vit_sources import ViTWeights
 
 # Parameters that the AVSiam initialization always leaves fresh (from `params`).
