@@ -29,6 +29,16 @@ def read_wav(name):
   return pcm.astype(np.float32) / 32768.0
 
 
+def fbank_as_shipped(waveforms):
+  """fb.fbank_jax compiled at XLA's default backend optimization level: the tests' level 0
+  (conftest: fast compiles) rounds this program's log-mel up to 5e-3 away from the goldens."""
+  import jax
+
+  f = jax.jit(fb.fbank_jax, static_argnames=("sample_rate", "num_mel_bins"))
+  return f.lower(waveforms).compile(compiler_options={"xla_backend_optimization_level": 3})(
+      waveforms)
+
+
 def golden(name, kind):
   return np.load(data_file("golden", "fbank", f"{name}.{kind}.npy"))
 
@@ -76,7 +86,7 @@ def test_model_input_matches_golden(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_jax_full_waveform_matches_golden(name):
   x = read_wav(name)
-  got = np.asarray(fb.fbank_jax(x[None]))
+  got = np.asarray(fbank_as_shipped(x[None]))
   assert got.shape == (1,) + golden(name, "fbank").shape and got.dtype == np.float32
   check_close(got[0], golden(name, "fbank"), f"jax {name}")
 
@@ -86,12 +96,12 @@ def test_jax_batch_matches_numpy():
   # reference is numpy on the cut waveform, not the golden rows.
   n = 64000
   batch = np.stack([read_wav(name)[:n] for name in NAMES])
-  got = np.asarray(fb.fbank_jax(batch))
+  got = np.asarray(fbank_as_shipped(batch))
   assert got.shape == (2, 1 + (n - 400) // 160, 128)
   for i, name in enumerate(NAMES):
     check_close(got[i], fb.fbank(batch[i]), f"jax batch vs numpy {name}[:{n}]")
   # Rows are independent: a row alone gives the same result as in the batch.
-  np.testing.assert_allclose(np.asarray(fb.fbank_jax(batch[1:])), got[1:], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(fbank_as_shipped(batch[1:])), got[1:], atol=1e-5)
 
 
 def test_jax_is_jittable_and_matches_numpy_other_rate():
