@@ -115,7 +115,7 @@ def test_pretraining_without_labels_and_zero_shot_retrieval_on_every_test_clip(
   r = pretrained_run["results"]["retrieval"]
   assert r["num_clips"] == r["split_clips"] == 10 and r["set"] == "all 10 clips of 'eval'"
   with Image.open(os.path.join(pretrained_run["work"], "embeddings.png")) as image:
-    colours = set(image.convert("RGB").getdata())
+    colours = {tuple(c) for c in np.asarray(image.convert("RGB")).reshape(-1, 3).tolist()}
   assert {embedding_plot._AUDIO_COLOUR, embedding_plot._VIDEO_COLOUR} <= colours  # by modality
   # mode=eval, as for a named protocol: the base configs score every clip of the split.
   paper = common.get_config("B/16", "mode=eval").eval
