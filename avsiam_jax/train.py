@@ -99,11 +99,19 @@ def _dataset(spec: RunSpec, workdir: str, stage: str) -> tuple[str, dict]:
   info = records.read_info(ds_dir)
   if spec.eval.retrieval_subset:
     try:
-      subsets.load(ds_dir, spec.eval.retrieval_subset, spec.data.eval_split)
+      subset = subsets.load(ds_dir, spec.eval.retrieval_subset, spec.data.eval_split)
     except (ValueError, FileNotFoundError) as e:
       raise ConfigError(str(e)) from e
-  if stage == "finetune" and not info.get("label_names"):
-    raise ConfigError(f"{ds_dir}: the dataset has no label names; finetuning needs labels")
+    if spec.eval.max_clips and max(subset["indices"], default=-1) >= spec.eval.max_clips:
+      raise ConfigError(f"config.eval.max_clips: {spec.eval.max_clips} clips leave out part of "
+                        f"retrieval subset {spec.eval.retrieval_subset!r} (it needs clip "
+                        f"{max(subset['indices'])}); set it to 0 (all)")
+  # A classifier needs classes; pretrain+finetune asks before its pretraining stage.
+  stages = (stage, "finetune") if spec.source.get("mode") == "pretrain+finetune" else (stage,)
+  if "finetune" in stages and not info.get("label_names"):
+    raise ConfigError(f"{ds_dir}: the dataset has no labels (metadata.json holds no "
+                      "label_names), so it cannot train or evaluate a classifier; pretraining "
+                      "and zero-shot retrieval (mode=eval of a pretraining run) work on it")
   return ds_dir, info
 
 

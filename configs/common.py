@@ -61,7 +61,9 @@ def get_config(variant: str, arg=None) -> ml_collections.ConfigDict:
     # The released AudioSet recipes train the multimodal blocks at 100x the base rate.
     f.mm_lr_mult = 1.0 if f.dataset == "vggsound" else 100.0
   if c.mode != "pretrain":
-    c.eval.max_clips = 0  # classification over the whole eval split
+    # Classification and retrieval over the whole eval split: mode=eval scores a named set
+    # (MSR-VTT's test split, a retrieval subset) whole; the caps are pretraining's monitoring.
+    c.eval.max_clips = c.eval.retrieval_clips = 0
   return c
 
 

@@ -3,7 +3,7 @@
   python -m data_prep.build --input JSON_OR_DIR [--labels CSV] --out DATASET_DIR
       [--split train] [--num_shards N] [--workers W]
       [--process_index I --process_count P] [--max_frames 1024] [--frame_resize crop]
-      [--downmix mean] [--frame_span first] [--finalize]
+      [--downmix mean] [--frame_span first] [--split_list LIST ...] [--finalize]
 
 Inputs
   * A CAV-MAE dataset JSON, {"data": [{"video_id", "wav", "video_path", "labels"}]}, with
@@ -26,6 +26,20 @@ Inputs
     CSV, exactly its rows are built, in its order; without it, every file, with no labels. The
     vocabulary is the sorted set of label strings of the CSV (names = ids = the strings); when
     the dataset already has a split, an existing vocabulary that contains them all is reused.
+  * A folder of videos and --split_list LIST [LIST ...]: exactly the listed clips, in list
+    order, without labels (MSR-VTT: videos/all/video0.mp4 ... video9999.mp4). A LIST is
+    MSR-VTT's videodatainfo JSON (train_val_videodatainfo.json, test_videodatainfo.json:
+    {"videos": [{"video_id": "video7010", "split": "test", ...}]}), of which the videos whose
+    "split" is --split (train, validate or test) are taken; give both files at once for any
+    split. Or it is a text file of clip ids, one a line (blank lines and '#' comments skipped),
+    for the other splits in use (the 9k train list, the 1k-A JSFusion test list), all taken.
+    A listed id is a clip id of the folder (file name without extension), also found in a
+    subfolder (TrainValVideo/video0.mp4); a listed clip without a file, or without a sound
+    track, is skipped and reported. report.json's `listed` gives the lists and how many clips
+    they name (num_listed) and how many were built (num_built); metadata.json keeps the count.
+    MSR-VTT's 2,990-video test split:
+        python -m data_prep.build --input MSRVTT/videos/all --out /data/msrvtt --split test \
+            --split_list train_val_videodatainfo.json test_videodatainfo.json --workers 16
 
 Per clip (avsiam_jax/data/examples.py, the record layout of avsiam_jax/data/records.py): 10
 frames (JPEG; --frame_resize crop, the default: short side resized to 224 then centre crop, as
@@ -278,27 +292,33 @@ def _read_folder_csv(path, names_a_clip):
   return rows
 
 
-def _read_folder(folder, labels_csv, existing_vocab):
+def _read_folder(folder, labels_csv, existing_vocab, listed=None):
+  """Entries of a folder input: the CSV's rows, the `listed` clips ((where, id) pairs of
+  read_split_list), or every file."""
   files = _scan_folder(folder)
-  if labels_csv is None:
-    rows = [(None, rel, []) for rel in files]
+  if listed is not None:
+    rows = [(where, clip, []) for where, clip in listed]
+  elif labels_csv is None:
+    rows = [(folder, rel, []) for rel in files]
   else:
     ids = {_clip_id(rel) for rel in files}
-    rows = _read_folder_csv(labels_csv, lambda file: file in ids
-                            or os.path.isfile(os.path.join(folder, file)))
+    rows = [(f"{labels_csv}, line {line}", file, labels)
+            for line, file, labels in _read_folder_csv(
+                labels_csv, lambda file: file in ids or os.path.isfile(os.path.join(folder, file)))]
   vocab = sorted({label for _, _, labels in rows for label in labels})
   if existing_vocab is not None and set(vocab) <= set(existing_vocab):
     vocab = list(existing_vocab)  # keep the dataset's indices for a later split
   index = {label: i for i, label in enumerate(vocab)}
-  by_id = collections.defaultdict(list)
+  by_id, by_stem = collections.defaultdict(list), collections.defaultdict(list)
   for rel in files:
     by_id[_clip_id(rel)].append(rel)
+    by_stem[os.path.basename(_clip_id(rel))].append(rel)
   entries, seen = [], set()
-  for line, file, labels in rows:
-    where = f"{labels_csv}, line {line}" if line else folder
+  for where, file, labels in rows:
     rel, skip = file, None
     if not os.path.isfile(os.path.join(folder, file)):
-      matches = by_id.get(file, [])
+      # A listed id may name a file in a subfolder (MSR-VTT's TrainValVideo/, TestVideo/).
+      matches = by_id.get(file) or (by_stem.get(file, []) if listed is not None else [])
       if len(matches) == 1:
         rel = matches[0]
       elif matches:
@@ -307,7 +327,9 @@ def _read_folder(folder, labels_csv, existing_vocab):
       else:
         skip = ("missing_file", f"{where}: no such file or clip id in {folder}")
     path = os.path.join(folder, rel)
-    clip_id = _clip_id(rel)
+    # A listed clip keeps the list's id (unless the list names a file), wherever its file is.
+    named_file = os.path.isfile(os.path.join(folder, file))
+    clip_id = _clip_id(rel) if listed is None or named_file else file
     entry = Entry(clip_id, path, None, False, sorted(index[x] for x in labels))
     if clip_id in seen:
       entry.skip = _skip(clip_id, path, "duplicate_id", f"{where}: id seen in an earlier entry")
@@ -316,6 +338,81 @@ def _read_folder(folder, labels_csv, existing_vocab):
     seen.add(clip_id)
     entries.append(entry)
   return entries, vocab, list(vocab)
+
+
+def _read_videodatainfo(path, doc):
+  """[(where, id, split)] of an MSR-VTT videodatainfo JSON's "videos"."""
+  videos = doc.get("videos") if isinstance(doc, dict) else None
+  if not isinstance(videos, list):
+    raise InputError(f"{path}: field 'videos' (MSR-VTT's list of {{video_id, split}}) missing "
+                     "at the top level")
+  out = []
+  for n, item in enumerate(videos):
+    if not isinstance(item, dict):
+      raise InputError(f"{path}: videos[{n}] is not an object")
+    for key in ("video_id", "split"):
+      if not isinstance(item.get(key), str) or not item[key].strip():
+        raise InputError(f"{path}: videos[{n}] field {key!r} missing, empty or not a string")
+    out.append((f"{path}, videos[{n}]", item["video_id"].strip(), item["split"].strip()))
+  return out
+
+
+def _read_id_list(path, text, names_a_clip):
+  """[(where, id)] of a text list of clip ids, one a line."""
+  out = []
+  for n, line in enumerate(text.splitlines(), 1):
+    clip = line.strip()
+    if not clip or clip.startswith("#"):
+      continue
+    if "," in clip or "\t" in clip:
+      raise InputError(f"{path}, line {n}: {clip[:60]!r} is not one clip id; a list holds one id "
+                       "a line (from a CSV such as MSR-VTT's JSFusion list keep its video_id "
+                       "column)")
+    if not out and _column_name(clip) in _HEADER_NAMES and not names_a_clip(clip):
+      raise InputError(f"{path}, line {n}: {clip!r} is a column name, not a clip id; drop the "
+                       "header line")
+    out.append((f"{path}, line {n}", clip))
+  return out
+
+
+def read_split_list(paths, split, names_a_clip=lambda clip: False):
+  """The clips a split lists, in order, as (where, id) pairs.
+
+  Each path is an MSR-VTT videodatainfo JSON ({"videos": [{"video_id", "split", ...}]}; its
+  entries whose "split" is `split`) or a text file of clip ids, one a line (blank lines and
+  '#' comments skipped). Several files give their clips in the order given; the JSONs together
+  must give each video one split. `names_a_clip(id)` tells a first line that is a clip from a
+  header.
+  """
+  listed, splits_of, counts, any_json = [], {}, collections.Counter(), False
+  for path in paths:
+    try:
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
+    except OSError as e:
+      raise InputError(f"{path}: cannot read split list: {e}") from None
+    if not text.lstrip().startswith(("{", "[")):
+      listed += _read_id_list(path, text, names_a_clip)
+      continue
+    try:
+      doc = json.loads(text)
+    except ValueError as e:
+      raise InputError(f"{path}: cannot read split list JSON: {e}") from None
+    any_json = True
+    for where, clip, clip_split in _read_videodatainfo(path, doc):
+      if splits_of.setdefault(clip, (clip_split, where))[0] != clip_split:
+        raise InputError(f"{where}: video {clip!r} is in split {clip_split!r}, but "
+                         f"{splits_of[clip][1]} puts it in {splits_of[clip][0]!r}")
+      counts[clip_split] += 1
+      if clip_split == split:
+        listed.append((where, clip))
+  if any_json and not counts[split]:
+    have = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items()))
+    raise InputError(f"--split {split!r}: {', '.join(paths)} list no video of that split; "
+                     f"they have {have}")
+  if not listed:
+    raise InputError(f"{', '.join(paths)}: the split list holds no clip id")
+  return listed
 
 
 # ---------------------------------------------------------------- one clip (worker side)
@@ -485,6 +582,16 @@ def _merge_parts(parts):
   }
 
 
+def _listed(plan):
+  return {"listed": dict(plan["listed"])} if "listed" in plan else {}
+
+
+def _with_built(report):
+  if "listed" in report:  # how many of the listed clips the split holds
+    report["listed"]["num_built"] = report["num_examples"]
+  return report
+
+
 def _missing_shards(out, split, plan):
   return [s for s in plan["shards"]
           if not (os.path.exists(os.path.join(out, s)) and os.path.exists(_part_path(out, split, s)))]
@@ -504,7 +611,9 @@ def finalize(out, split="train", verbose=True):
       return None
     parts = [_read_json(_part_path(out, split, s)) for s in plan["shards"]]
     report = dict(_merge_parts(parts), input=plan["input"], num_shards=plan["num_shards"],
-                  shards=plan["shards"], downmix=plan["downmix"], frame_span=plan["frame_span"])
+                  shards=plan["shards"], downmix=plan["downmix"], frame_span=plan["frame_span"],
+                  **_listed(plan))
+    _with_built(report)
     _check_compatible(out, plan["label_ids"], plan["label_names"], plan["max_frames"],
                       plan["frame_resize"], plan["downmix"], plan["frame_span"])
     info = _existing_info(out) or dict(name=plan["name"], version=plan["version"],
@@ -518,6 +627,10 @@ def finalize(out, split="train", verbose=True):
                              "shard_lengths": [p["num_examples"] for p in parts],
                              "num_skipped": report["num_skipped"],
                              "example_labels": [l for p in parts for l in p["example_labels"]]}
+    if "listed" in plan:  # what the split's list asked for, next to what it holds
+      info["splits"][split]["listed"] = {
+          "files": [os.path.basename(f) for f in plan["listed"]["files"]],
+          "num_listed": plan["listed"]["num_listed"]}
     report_path = os.path.join(out, REPORT_FILE)
     full = _read_json(report_path) if os.path.exists(report_path) else {"splits": {}}
     full["splits"][split] = report
@@ -601,8 +714,17 @@ def _shard_examples(results, count, part, part_path, progress):
   utils.write_json(part_path, part, every_process=True)
 
 
-def load_input(input, labels=None, existing_vocab=None):
-  """(entries, label_ids, label_names) of a CAV-MAE JSON or a folder input."""
+def load_input(input, labels=None, existing_vocab=None, split_list=None, split="train"):
+  """(entries, label_ids, label_names) of a CAV-MAE JSON or a folder input; `split_list`
+  (files, see read_split_list) chooses the folder's clips of `split`."""
+  if split_list:
+    if not os.path.isdir(input):
+      raise InputError(f"--split_list chooses clips of a folder input; {input} is not a folder")
+    if labels:
+      raise InputError("--split_list and --labels: a listed split has no labels; give one")
+    names = {_clip_id(rel) for rel in _scan_folder(input)}
+    listed = read_split_list(split_list, split, lambda clip: clip in names)
+    return _read_folder(input, None, existing_vocab, listed)
   if os.path.isdir(input):
     return _read_folder(input, labels, existing_vocab)
   if not os.path.isfile(input):
@@ -612,12 +734,14 @@ def load_input(input, labels=None, existing_vocab=None):
 
 def build(input, out, labels=None, split="train", num_shards=None, workers=1, process_index=0,
           process_count=1, max_frames=records.MAX_FBANK_FRAMES, frame_resize="crop",
-          downmix="mean", frame_span="first", verbose=True) -> dict:
+          downmix="mean", frame_span="first", split_list=None, verbose=True) -> dict:
   """Builds this process's shards of `split`; finalizes the split if it is then complete.
 
+  `split_list`: files listing the clips of `split` in the folder `input` (read_split_list).
   Returns the split's report: {num_examples, num_skipped, skipped_by_reason, skipped:
-  [{id, path, reason, message}], shards, downmix, frame_span, finalized, ...}: the merged
-  report of the whole split when finalized, else that of this process's shards.
+  [{id, path, reason, message}], shards, downmix, frame_span, finalized, listed (with
+  split_list: {files, num_listed}), ...}: the merged report of the whole split when finalized,
+  else that of this process's shards.
   """
   if not _SPLIT_RE.match(split):
     raise InputError(f"split {split!r}: use letters, digits and '_'")
@@ -633,8 +757,9 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
     raise InputError(str(e)) from None
   out = os.path.abspath(out)
   existing = _existing_info(out)
+  split_list = [os.path.abspath(p) for p in split_list] if split_list else None
   entries, label_ids, label_names = load_input(
-      input, labels, existing.get("label_ids") if existing else None)
+      input, labels, existing.get("label_ids") if existing else None, split_list, split)
   if not entries:
     raise InputError(f"{input}: no clips")
   _check_compatible(out, label_ids, label_names, max_frames, frame_resize, downmix, frame_span)
@@ -653,6 +778,8 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
           "downmix": downmix, "frame_span": frame_span,
           "label_ids": label_ids, "label_names": label_names,
           "entries_sha256": _plan_fingerprint(entries)}
+  if split_list:  # absent otherwise, so plans of earlier builds still match
+    plan["listed"] = {"files": split_list, "num_listed": n}
   os.makedirs(out, exist_ok=True)
   _check_plan(out, split, plan)
 
@@ -696,7 +823,7 @@ def build(input, out, labels=None, split="train", num_shards=None, workers=1, pr
     parts = [_read_json(_part_path(out, split, names[i])) for i in mine]
     report = dict(_merge_parts(parts), split=split, finalized=False, input=plan["input"],
                   num_shards=num_shards, shards=[names[i] for i in mine], downmix=downmix,
-                  frame_span=frame_span)
+                  frame_span=frame_span, **_listed(plan))
   report["clips_per_second"] = progress.done / elapsed if progress.done and elapsed > 0 else None
   if verbose:
     _print_summary(report, progress.done, elapsed, out)
@@ -709,6 +836,9 @@ def _print_summary(report, decoded, elapsed, out):
         f"{report['num_skipped']} skipped ({scope}); {decoded} clips processed in "
         f"{elapsed:.1f} s" + (f" ({decoded / elapsed:.2f} clips/s)" if decoded and elapsed else ""),
         flush=True)
+  if report.get("listed") and report["finalized"]:
+    print(f"  {report['num_examples']} of the {report['listed']['num_listed']} clips listed in "
+          f"{', '.join(map(os.path.basename, report['listed']['files']))}", flush=True)
   for reason, count in report["skipped_by_reason"].items():
     print(f"  skipped {count:6d}  {reason}", flush=True)
   if report["num_skipped"]:
@@ -745,6 +875,10 @@ def main(argv=None):
   parser.add_argument("--frame_span", choices=records.FRAME_SPANS, default="first",
                       help="where the 10 frames are sampled: first (the first 10 s) or whole "
                       "(the whole video, as the released AVSiam loader); audio: the first 10 s")
+  parser.add_argument("--split_list", nargs="+", metavar="LIST",
+                      help="the clips of --split in the folder --input: MSR-VTT videodatainfo "
+                      "JSON(s) (their videos whose split is --split) or text files of clip ids, "
+                      "one a line")
   parser.add_argument("--finalize", action="store_true",
                       help="only write dataset_info.json/report.json of a split whose shards "
                       "all exist")
@@ -762,7 +896,8 @@ def main(argv=None):
   build(args.input, args.out, labels=args.labels, split=args.split,
         num_shards=args.num_shards, workers=args.workers, process_index=args.process_index,
         process_count=args.process_count, max_frames=args.max_frames,
-        frame_resize=args.frame_resize, downmix=args.downmix, frame_span=args.frame_span)
+        frame_resize=args.frame_resize, downmix=args.downmix, frame_span=args.frame_span,
+        split_list=args.split_list)
   return 0
 
 

@@ -53,3 +53,33 @@ def build(config, num_devices: int = 1, *, num_classes: int = 0, steps_per_epoch
   mesh = sharding.make_mesh(spec.mesh, jax.devices()[:num_devices])
   task = train.make_task(spec, "finetune" if spec.mode == "finetune" else "pretrain", num_classes)
   return spec, mesh, task, state.make_train_fns(task, mesh, steps_per_epoch)
+
+
+@pytest.fixture(scope="session")
+def unlabeled_dataset(demo_dataset, tmp_path_factory):
+  """The demo dataset's clips in a dataset without labels (the format of MSR-VTT's: no
+  vocabulary, every clip's labels empty)."""
+  # pylint: disable=import-outside-toplevel
+  import numpy as np
+  from avsiam_jax.data import records
+  splits = {}
+  for split in ("train", "eval"):
+    source = records.open_split(demo_dataset, split)
+    splits[split] = [[dict(source[i], labels=np.zeros(0, np.int32)) for i in range(len(source))]]
+  out = str(tmp_path_factory.mktemp("unlabeled") / "ds")
+  records.write_dataset(out, splits, label_ids=[])
+  return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(unlabeled_dataset, tmp_path_factory):
+  """Two pretraining steps (tests/test_train.tiny_config) on the demo clips without their
+  labels: what finetuning tests start from, and a run to evaluate on other data.
+  {"work": the run directory, "results": its results}."""
+  # pylint: disable=import-outside-toplevel
+  from avsiam_jax import train
+  from tests.test_train import tiny_config
+  config = tiny_config()
+  config.data.demo, config.data.dir, config.total_steps = False, unlabeled_dataset, 2
+  work = str(tmp_path_factory.mktemp("pretrained") / "run")
+  return {"work": work, "results": train.run(config, work)}

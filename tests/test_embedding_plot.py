@@ -1,4 +1,5 @@
-"""The t-SNE wrapper (separation, determinism, awkward inputs) and the class-coloured PNG."""
+"""The t-SNE wrapper (separation, determinism, awkward inputs) and the class-coloured PNG
+(modality-coloured without classes)."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -111,18 +112,25 @@ def test_plot_writes_png_with_class_colours(tmp_path):
   assert all(ep._PALETTE[i] in colours for i in range(4))
   assert not any(ep._PALETTE[i] in colours for i in range(4, 6))
   assert ep._UNLABELLED not in colours
+  assert ep._AUDIO_COLOUR not in colours and ep._VIDEO_COLOUR not in colours  # by class
   # Separated classes make tight clusters: each colour's marks sit together.
   assert max(colour_spread(path, ep._PALETTE[i]) for i in range(4)) < 0.1
   legend = np.asarray(Image.open(path).convert("RGB"))[:, 900 - ep._LEGEND_WIDTH:].reshape(-1, 3)
   assert ep._PALETTE[3] in {tuple(int(v) for v in c) for c in legend}
 
 
-def test_plot_without_labels_draws_all_grey(tmp_path):
-  audio, video, labels = plot_data(per_class=(10, 10))
-  path = ep.plot_embeddings(audio, video, np.full(len(labels), -1), [], tmp_path / "grey.png")
+def test_plot_without_labels_colours_by_modality(tmp_path):
+  # No classes (an unlabeled dataset); audio and video embeddings in two far-apart places.
+  rng = np.random.default_rng(0)
+  shift = np.zeros(16)
+  shift[0] = 12.0
+  audio, video = rng.normal(size=(30, 16)) + shift, rng.normal(size=(30, 16)) - shift
+  path = ep.plot_embeddings(audio, video, np.full(30, -1), [], tmp_path / "modality.png")
   _, colours = pixels(path)
-  assert ep._UNLABELLED in colours
-  assert not any(c in colours for c in ep._PALETTE)
+  assert ep._AUDIO_COLOUR in colours and ep._VIDEO_COLOUR in colours
+  assert ep._UNLABELLED not in colours and not any(c in colours for c in ep._PALETTE)
+  # Each colour is one modality: its marks make one tight group.
+  assert max(colour_spread(path, ep._AUDIO_COLOUR), colour_spread(path, ep._VIDEO_COLOUR)) < 0.1
 
 
 def test_plot_rejects_bad_input(tmp_path):

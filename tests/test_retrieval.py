@@ -40,3 +40,15 @@ def test_perfect_and_tied_features():
 def test_mismatched_sets_are_an_error():
   with pytest.raises(ValueError, match="matching"):
     retrieval.retrieval_metrics(np.ones((3, 2)), np.ones((4, 2)))
+
+
+def test_query_blocks_give_the_same_ranks():
+  rng = np.random.default_rng(2)
+  a = rng.integers(1, 3, size=(37, 3)).astype(float)  # 8 distinct rows: ties
+  v = a + rng.normal(scale=0.5, size=(37, 3))
+  whole = retrieval.ranks(v, a, block=len(v))
+  assert not np.array_equal(whole, np.arange(1, 38))
+  for block in (1, 5, 36):
+    np.testing.assert_array_equal(retrieval.ranks(v, a, block=block), whole)
+  hits = [100.0 * np.mean(whole <= k) for k in (1, 5, 10)]
+  assert hits == [pytest.approx(brute_force(v, a, k)[0]) for k in (1, 5, 10)]

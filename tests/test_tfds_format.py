@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
+from tensorflow_datasets.proto import tf_example_pb2
+
 from avsiam_jax.data import examples, media, pipeline, records
 from data_prep import build as B
 from data_prep import convert, tfds_builder
@@ -244,3 +246,33 @@ def test_a_dataset_of_other_features_or_metadata_is_refused_naming_the_file(tmp_
   json.dump({"other": 1}, open(os.path.join(path, records.METADATA_FILE), "w"))
   with pytest.raises(records.FormatError, match="metadata.json: no 'avsiam' entry"):
     records.read_info(path)
+
+
+def test_an_unlabeled_dataset_without_the_labels_feature_reads_as_one_without_labels(tmp_path):
+  # Another tool's unlabeled dataset: no "labels" feature, no vocabulary in the metadata.
+  clips = [dict(e, labels=np.zeros(0, np.int32)) for e in _main_examples()[:3]]
+  path = _write(str(tmp_path / "ds"), clips, 0, shards=1)
+  features_json = os.path.join(path, records.FEATURES_FILE)
+  features = json.load(open(features_json))
+  del features["featuresDict"]["features"]["labels"]
+  json.dump(features, open(features_json, "w"))
+  meta_path = os.path.join(path, records.METADATA_FILE)
+  meta = json.load(open(meta_path))
+  del meta["avsiam"]["label_ids"], meta["avsiam"]["label_names"]
+  json.dump(meta, open(meta_path, "w"))
+  shard = os.path.join(path, records.read_info(path)["splits"]["train"]["shards"][0])
+  reader = array_record_module.ArrayRecordReader(shard)
+  protos = [tf_example_pb2.Example.FromString(r) for r in reader.read_all()]
+  reader.close()
+  writer = array_record_module.ArrayRecordWriter(shard, "group_size:1")
+  for proto in protos:
+    del proto.features.feature["labels"]
+    writer.write(proto.SerializeToString())
+  writer.close()
+  info = records.read_info(path)
+  assert info["label_ids"] == info["label_names"] == []
+  clip = records.open_split(path, "train")[1]
+  assert clip["id"] == "clip1" and clip["labels"].dtype == np.int32 and clip["labels"].size == 0
+  batch = next(pipeline.make_eval_iterator(path, "train", batch_size=3, audio_frames=16,
+                                           image_size=16))
+  assert batch["labels"].shape == (3, 0) and batch["mask"].all()

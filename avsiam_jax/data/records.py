@@ -18,6 +18,12 @@ Features of a clip (examples.py makes them from a clip's media):
   labels: Sequence(ClassLabel), class indices (possibly none); class names = the label ids
           (AudioSet mids), the display names are metadata's label_names
 
+A dataset without labels (MSR-VTT, a folder built without a labels CSV) has the same features
+with an empty vocabulary: label_ids = label_names = [] and every clip's labels empty. Readers
+also take a metadata.json without label_ids/label_names and a features.json without "labels"
+(another tool's unlabeled dataset) as that. Pretraining, retrieval and embeddings work on such a
+dataset; classification needs labels.
+
 In code a clip is the dict {"id": str, "frames": [JPEG bytes], "fbank": float16 array,
 "labels": int32 array}: `serialize` writes it, `open_split` reads it back.
 
@@ -123,9 +129,10 @@ def parse_clip(record: bytes) -> dict[str, Any]:
   f = tf_example_pb2.Example.FromString(record).features.feature
   try:
     fbank = np.frombuffer(f["fbank"].bytes_list.value[0], np.float16).reshape(-1, NUM_MEL_BINS)
+    labels = f["labels"].int64_list.value if "labels" in f else ()  # absent: unlabeled
     return {"id": f["id"].bytes_list.value[0].decode(),
             "frames": list(f["frames"].bytes_list.value), "fbank": fbank,
-            "labels": np.asarray(f["labels"].int64_list.value, np.int32)}
+            "labels": np.asarray(labels, np.int32)}
   except (KeyError, IndexError, ValueError) as e:
     raise FormatError(f"a record without the clip features ({type(e).__name__}: {e})") from None
 
@@ -232,6 +239,8 @@ def _check_features(dataset_dir: str, got: tfds.features.FeaturesDict, num_class
   want = features([f"c{i}" for i in range(num_classes)])
   for key, feature in want.items():
     have = got[key] if key in got.keys() else None
+    if key == "labels" and have is None and not num_classes:
+      continue  # an unlabeled dataset may leave the feature out
     same = (have is not None and type(have) is type(feature)
             and have.get_serialized_info() == feature.get_serialized_info()
             and have.get_tensor_info() == feature.get_tensor_info())
@@ -250,7 +259,8 @@ def read_info(dataset_dir: str) -> dict[str, Any]:
   """The dataset's settings and splits as one dict.
 
   {name, version, label_names, label_ids, fbank, frames, splits: {split: {num_examples, shards,
-  shard_lengths, num_skipped, example_labels (or None)}}}.
+  shard_lengths, num_skipped, example_labels (or None), and for a split built from a list of
+  clips (data_prep.build --split_list) listed: {num_listed, files, split}}}}.
   """
   return _info_of(dataset_dir, builder(dataset_dir))
 
@@ -264,7 +274,12 @@ def _info_of(dataset_dir: str, b) -> dict[str, Any]:
   if meta.get("format_version") != FORMAT_VERSION:
     raise FormatError(f"{where}: format_version {meta.get('format_version')!r}, this code reads "
                       f"{FORMAT_VERSION}")
-  _check_features(dataset_dir, b.info.features, len(meta["label_ids"]))
+  # No vocabulary recorded: an unlabeled dataset (the module docstring).
+  label_ids = list(meta.get("label_ids", meta.get("label_names", [])))
+  label_names = list(meta.get("label_names", label_ids))
+  if len(label_names) != len(label_ids):
+    raise FormatError(f"{where}: {len(label_ids)} label_ids but {len(label_names)} label_names")
+  _check_features(dataset_dir, b.info.features, len(label_ids))
   splits = {}
   for name, split in b.info.splits.items():
     extra = meta.get("splits", {}).get(name, {})
@@ -272,8 +287,10 @@ def _info_of(dataset_dir: str, b) -> dict[str, Any]:
                     "shard_lengths": list(split.shard_lengths),
                     "num_skipped": extra.get("num_skipped", 0),
                     "example_labels": extra.get("example_labels")}
+    if extra.get("listed") is not None:
+      splits[name]["listed"] = extra["listed"]
   return {"name": b.info.name, "version": str(b.info.version),
-          "label_names": list(meta["label_names"]), "label_ids": list(meta["label_ids"]),
+          "label_names": label_names, "label_ids": label_ids,
           "fbank": meta["fbank"], "frames": meta["frames"], "splits": splits}
 
 
@@ -282,8 +299,9 @@ def metadata(info: dict[str, Any]) -> dict[str, Any]:
   return {"format_version": FORMAT_VERSION, "label_ids": list(info["label_ids"]),
           "label_names": list(info["label_names"]), "fbank": info["fbank"],
           "frames": info["frames"],
-          "splits": {split: {"num_skipped": s.get("num_skipped", 0),
-                             "example_labels": s.get("example_labels")}
+          "splits": {split: dict({"num_skipped": s.get("num_skipped", 0),
+                                  "example_labels": s.get("example_labels")},
+                                 **({"listed": s["listed"]} if s.get("listed") else {}))
                      for split, s in sorted(info["splits"].items())}}
 
 

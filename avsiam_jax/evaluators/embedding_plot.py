@@ -66,6 +66,8 @@ def tsne(x_NxD, *, perplexity=30.0, iterations=1000, seed=0, return_kl=False):
 _PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
             (140, 86, 75), (227, 119, 194), (25, 25, 112), (188, 189, 34), (23, 190, 207))
 _UNLABELLED = (120, 120, 120)  # no grey in the palette, so it can't be mistaken for a class
+# A dataset without classes (MSR-VTT): the two modalities in two colours outside the palette.
+_AUDIO_COLOUR, _VIDEO_COLOUR = (0, 90, 200), (230, 80, 0)
 _LEGEND_WIDTH = 220
 
 
@@ -123,10 +125,11 @@ def plot_embeddings(audio_NxD, video_NxD, labels_N, label_names, path, *, max_cl
   """Joint t-SNE of L2-normalized audio and video embeddings, drawn by class to a PNG.
 
   Keeps the clips whose label (int class id, -1 = none) is among the max_classes most frequent
-  (ties to the lower id); with no labelled clip at all, every clip is drawn in grey. At most
-  max_clips of those (a seeded random subset) go into one t-SNE over their audio and video rows,
-  so both modalities share one map (the default cap: about 20 s). Audio: filled circles; video:
-  outlined triangles; one colour per class. Returns path.
+  (ties to the lower id); with no labelled clip at all (an unlabeled dataset), every clip, and
+  the colours tell audio from video instead of classes. At most max_clips of those (a seeded
+  random subset) go into one t-SNE over their audio and video rows, so both modalities share
+  one map (the default cap: about 20 s). Audio: filled circles; video: outlined triangles; one
+  colour per class. Returns path.
   """
   audio = _check_matrix(audio_NxD, "audio embeddings")
   video = _check_matrix(video_NxD, "video embeddings")
@@ -186,19 +189,23 @@ def plot_embeddings(audio_NxD, video_NxD, labels_N, label_names, path, *, max_cl
   point_labels = np.concatenate([labels[idx], labels[idx]])
   # Random drawing order, so no class or modality is always the one on top.
   for k in np.random.default_rng(seed).permutation(2 * m):
-    colour = colour_of.get(int(point_labels[k]), _UNLABELLED)
+    if classes:
+      colour = colour_of.get(int(point_labels[k]), _UNLABELLED)
+    else:
+      colour = _AUDIO_COLOUR if k < m else _VIDEO_COLOUR
     (_circle if k < m else _triangle)(draw, px[k], py[k], marker if k >= m else 3, colour)
 
   lx, ly = width - _LEGEND_WIDTH + 4, box[1]
   text_w = _LEGEND_WIDTH - 36
   black = (0, 0, 0)
-  _circle(draw, lx + 8, ly + 8, 4, black)
+  _circle(draw, lx + 8, ly + 8, 4, black if classes else _AUDIO_COLOUR)
   draw.text((lx + 22, ly), "audio (filled circle)", fill=black, font=font)
-  _triangle(draw, lx + 8, ly + 28, 6, black)
+  _triangle(draw, lx + 8, ly + 28, 6, black if classes else _VIDEO_COLOUR)
   draw.text((lx + 22, ly + 20), "video (outlined triangle)", fill=black, font=font)
   ly += 50
-  entries = [(colour_of[c], _class_name(label_names, c)) for c in classes] or [
-      (_UNLABELLED, "no labels")]
+  if not classes:
+    draw.text((lx + 22, ly), "no class labels", fill=(110, 110, 110), font=font)
+  entries = [(colour_of[c], _class_name(label_names, c)) for c in classes]
   for colour, name in entries:
     if ly > height - 40:
       draw.text((lx + 22, ly), "...", fill=black, font=font)

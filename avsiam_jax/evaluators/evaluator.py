@@ -1,5 +1,6 @@
 """The evaluation the trainer runs: zero-shot retrieval, and classification for a classifier,
-over a dataset's eval split; optionally a plot of the embeddings by class."""
+over a dataset's eval split; optionally a plot of the embeddings by class (by modality on a
+dataset without labels)."""
 from __future__ import annotations
 
 import collections
@@ -7,6 +8,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from avsiam_jax import sharding
@@ -27,21 +29,41 @@ class Evaluator:
 
   def __init__(self, spec: RunSpec, ds_dir: str, eval_fn: Callable, mesh):
     self.spec, self.ds_dir, self.eval_fn, self.mesh = spec, ds_dir, eval_fn, mesh
-    self.subset = None
+    self.info = records.read_info(ds_dir)
+    self.subset, self._warned = None, False
     if spec.eval.retrieval_subset:
       self.subset = subsets.load(ds_dir, spec.eval.retrieval_subset, spec.data.eval_split)
 
-  def retrieval_rows(self, num_clips: int) -> tuple[np.ndarray, str]:
-    """The evaluated clips retrieval is scored on, and how they were chosen."""
+  def retrieval_rows(self, num_clips: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The evaluated clips retrieval is scored on, and the set's record: how they were chosen
+    (set), the clips of the split (split_clips) and, where a list named the set, how many it
+    listed (listed_clips)."""
     split = self.spec.data.eval_split
+    split_info = self.info["splits"][split]
+    record: dict[str, Any] = {"split_clips": split_info["num_examples"]}
     if self.subset is not None:
       rows = np.asarray(self.subset["indices"], np.int64)
       if rows.size and rows.max() >= num_clips:
         raise ValueError(f"retrieval subset {self.subset['name']!r} needs clip {rows.max()} of "
                          f"split {split!r}, but only {num_clips} were evaluated (eval.max_clips)")
-      return rows, (f"subset {self.subset['name']!r} of {split!r}: {self.subset['rule']}")
-    n = self.spec.eval.retrieval_clips or num_clips
-    return np.arange(min(n, num_clips)), f"the first {min(n, num_clips)} clips of {split!r}"
+      record["set"] = f"subset {self.subset['name']!r} of {split!r}: {self.subset['rule']}"
+      if self.subset.get("listed"):
+        record["listed_clips"] = self.subset["listed"]["num_listed"]
+      return rows, record
+    n = min(self.spec.eval.retrieval_clips or num_clips, num_clips)
+    if n < record["split_clips"]:
+      # A cap, not a protocol: said in the results, and logged once.
+      if not self._warned:
+        self._warned = True
+        logging.warning("zero-shot retrieval on the first %d of the %d clips of split %r "
+                        "(eval.max_clips / eval.retrieval_clips; 0: all)", n,
+                        record["split_clips"], split)
+      record["set"] = f"the first {n} of the {record['split_clips']} clips of {split!r}"
+    else:
+      record["set"] = f"all {n} clips of {split!r}"
+      if split_info.get("listed"):  # a split built from a list (MSR-VTT's test split)
+        record["listed_clips"] = split_info["listed"]["num_listed"]
+    return np.arange(n), record
 
   def outputs(self, params) -> dict[str, np.ndarray]:
     """Every eval clip's outputs and labels, gathered from all processes, padding dropped."""
@@ -68,7 +90,8 @@ class Evaluator:
     outs = self.outputs(params)
     rows, chosen = self.retrieval_rows(len(outs["feat_a"]))
     results: dict[str, Any] = {"retrieval": dict(
-        retrieval.retrieval_metrics(outs["feat_a"][rows], outs["feat_v"][rows]), set=chosen)}
+        retrieval.retrieval_metrics(outs["feat_a"][rows], outs["feat_v"][rows]), **chosen),
+                               "dataset": self.ds_dir}
     for key, name in RESULT_NAMES.items():
       if f"probs_{key}" in outs:
         results[name] = classification.classification_metrics(outs[f"probs_{key}"],
@@ -76,11 +99,12 @@ class Evaluator:
     if plot_path and jax.process_index() == 0:
       from avsiam_jax.evaluators import embedding_plot  # pylint: disable=import-outside-toplevel
       labels = outs["labels"][rows]
-      primary = np.where(labels.max(axis=1) > 0, labels.argmax(axis=1), -1)
+      # A dataset without labels (no classes): every clip -1, coloured by modality.
+      primary = (np.where(labels.max(axis=1) > 0, labels.argmax(axis=1), -1) if labels.shape[1]
+                 else np.full(len(rows), -1))
       embedding_plot.plot_embeddings(
-          outs["feat_a"][rows], outs["feat_v"][rows], primary,
-          records.read_info(self.ds_dir).get("label_names", []), plot_path,
-          max_classes=self.spec.eval.plot_classes,
+          outs["feat_a"][rows], outs["feat_v"][rows], primary, self.info.get("label_names", []),
+          plot_path, max_classes=self.spec.eval.plot_classes,
           title=f"{title}: audio and visual embeddings of the {self.spec.data.eval_split} clips")
     return results
 
