@@ -65,7 +65,8 @@ def test_main_stops_at_start_up_on_a_tpu_worker_without_libtpu(tmp_path):
   """main.py on a pod worker's environment with libtpu hidden: one line, exit 2, no workdir."""
   # A None entry in sys.modules makes `import libtpu` and find_spec("libtpu") both fail.
   hide_libtpu = ("import runpy, sys; sys.modules['libtpu'] = None; "
-                 "sys.argv = ['main.py'] + sys.argv[1:]; runpy.run_path('main.py', run_name='__main__')")
+                 "sys.argv = ['main.py'] + sys.argv[1:]; "
+                 "runpy.run_path('main.py', run_name='__main__')")
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_LIBRARY_PATH")}
   env.update(TPU_ACCELERATOR_TYPE="v5p-64", TPU_WORKER_HOSTNAMES="w0,w1,w2,w3,w4,w5,w6,w7",
              TPU_WORKER_ID="3")
