@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -99,8 +100,9 @@ class _RunReader:
     return clips.prepare_clip(path, **self._settings())
 
   def prepare_windows(self, path, window: float | None = None,
-                      hop: float | None = None) -> list[clips.PreparedWindow]:
-    """The model inputs of every window of a file (check_window: 10 s every 10 s by default)."""
+                      hop: float | None = None) -> Iterator[clips.PreparedWindow]:
+    """The model inputs of every window of a file, one at a time (check_window: 10 s every
+    10 s by default)."""
     window, hop = check_window(window, hop)
     return clips.prepare_windows(path, window=window, hop=hop, **self._settings())
 

@@ -285,11 +285,11 @@ def test_window_starts(duration, window, hop, want):
   assert media.window_starts(duration, window, hop) == want
 
 
-def test_windows_of_a_long_file_are_its_parts(long_file):
+def test_windows_of_a_long_file_are_its_parts(long_file, tmp_path):
   """Each window of the 25 s file is prepared as its part, a file of its own, is: frames,
   padded fbank and fallback alike."""
   path, parts = long_file
-  windows = clips.prepare_windows(path, audio_frames=1024, image_size=SIZE)
+  windows = list(clips.prepare_windows(path, audio_frames=1024, image_size=SIZE))
   assert [(w.start, w.seconds) for w in windows] == [(0, 10), (10, 10), (20, 5)]
   for w, part in zip(windows, parts):
     want = clips.prepare_clip(part, audio_frames=1024, image_size=SIZE)
@@ -304,10 +304,21 @@ def test_windows_of_a_long_file_are_its_parts(long_file):
   assert np.all(windows[2].audio[500:] == windows[2].audio[-1])
   assert not np.all(windows[2].audio[400:498] == windows[2].audio[-1])
   # Overlapping windows: the one starting at 10 s is the second part again.
-  half = clips.prepare_windows(path, audio_frames=1024, image_size=SIZE, window=10, hop=5)
+  half = list(clips.prepare_windows(path, audio_frames=1024, image_size=SIZE, window=10, hop=5))
   assert [w.start for w in half] == [0, 5, 10, 15]
   np.testing.assert_array_equal(half[2].video, windows[1].video)
   np.testing.assert_array_equal(half[0].audio, windows[0].audio)
+  # No window usable (no video, silent audio): the file fails at once, saying why for both.
+  silent = str(tmp_path / "silent.wav")
+  with av.open(silent, "w") as c:
+    stream = c.add_stream("pcm_s16le", rate=16000, layout="mono")
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 48000), np.int16), format="s16",
+                                       layout="mono")
+    frame.sample_rate = 16000
+    c.mux(stream.encode(frame))
+    c.mux(stream.encode(None))
+  with pytest.raises(media.ClipError, match="silent_audio.*and no video stream"):
+    clips.prepare_windows(silent, audio_frames=1024, image_size=SIZE)
 
 
 # ----- loading ------------------------------------------------------------------------------

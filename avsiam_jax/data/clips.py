@@ -16,6 +16,7 @@ every 10 s by default), each window as a clip of its own, with its own fallback.
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 import numpy as np
 
@@ -104,17 +105,18 @@ def _window_inputs(path, w: media.Window, audio_frames, image_size) -> PreparedW
 def prepare_windows(path, *, audio_frames: int, image_size: int,
                     window: float = records.MAX_SECONDS, hop: float | None = None,
                     frame_resize: str = "crop", downmix: str = "mean",
-                    frame_span: str = "first") -> list[PreparedWindow]:
+                    frame_span: str = "first") -> Iterator[PreparedWindow]:
   """Model inputs of every window of a media file (windows of `window` s every `hop` s, the
-  last one shorter); raises media.ClipError if the file, or every window of it, is unusable."""
+  last one shorter), made one window at a time as they are taken (a long file's float inputs
+  are not all held at once); raises media.ClipError at once if the file, or every window of
+  it, is unusable."""
   path = str(path)
   windows = media.decode_windows(path, window, hop, num_frames=records.NUM_FRAMES,
                                  image_size=records.FRAME_SIZE, sample_rate=records.SAMPLE_RATE,
                                  frame_resize=frame_resize, downmix=downmix,
                                  frame_span=frame_span)
-  out = [_window_inputs(path, w, audio_frames, image_size) for w in windows]
-  if all(w.modality == NONE for w in out):  # as prepare_clip: say why for both
-    e, other = windows[0].audio_error, windows[0].video_error
+  if all(w.frames is None and w.waveform is None for w in windows):
+    e, other = windows[0].audio_error, windows[0].video_error  # as prepare_clip: why for both
     raise media.ClipError(path, e.reason,
                           f"{e.detail or e.reason}; and {_FALLBACK[other.reason][1]}")
-  return out
+  return (_window_inputs(path, w, audio_frames, image_size) for w in windows)
