@@ -41,7 +41,7 @@ from avsiam_jax.models import layers
 from avsiam_jax.models.classifier import AVSiamClassifier, ClassifierSpec
 from avsiam_jax.models.vit import Encoder
 
-WINDOW = records.MAX_SECONDS  # seconds: the clip length of the stored records, and the most
+WINDOW = records.MAX_SECONDS  # seconds: the default and longest window, the records' clip length
 
 
 def check_window(window: float | None, hop: float | None) -> tuple[float, float]:

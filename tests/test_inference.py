@@ -443,10 +443,11 @@ def test_predict_module_exits_non_zero_when_a_file_fails(runs, media_files):
 
 # ----- embeddings ---------------------------------------------------------------------------
 
-def test_embed_cli(runs, media_files, tmp_path, capsys):
+def test_embed_cli(runs, media_files, long_file, tmp_path, capsys):
+  long, parts = long_file
   folder = tmp_path / "in"
   (folder / "sub").mkdir(parents=True)
-  shutil.copy(MP4, folder / "sub" / "b.mp4")
+  shutil.copy(long, folder / "sub" / "b.mkv")  # 25 s: three windows, the middle one silent
   shutil.copy(GIF, folder / "a.gif")
   shutil.copy(media_files["broken"], folder / "c.mp4")
   (folder / "notes.txt").write_text("not a video")
@@ -457,7 +458,7 @@ def test_embed_cli(runs, media_files, tmp_path, capsys):
   assert rc == 1  # c.mp4 skipped; the others are in the file
   assert "c.mp4" in err and "unreadable" in err
   z = np.load(out)
-  want_paths = [str(folder / "a.gif"), str(folder / "sub" / "b.mp4"), media_files["wav"]]
+  want_paths = [str(folder / "a.gif"), str(folder / "sub" / "b.mkv"), media_files["wav"]]
   assert z["paths"].tolist() == want_paths
   assert z["audio"].shape == z["video"].shape == (3, 32)
   assert z["audio"].dtype == z["video"].dtype == np.float32
@@ -467,29 +468,37 @@ def test_embed_cli(runs, media_files, tmp_path, capsys):
   assert z["skipped"].shape == (1, 2) and z["skipped"][0, 0] == str(folder / "c.mp4")
   assert z["skipped"][0, 1].startswith("unreadable")
 
-  # Windows: the GIF's one (5 s), the mp4's six, the wav's one (2 s).
-  assert z["window_file"].tolist() == [0] + [1] * 6 + [2]
-  assert z["window_start"].tolist() == [0, 0, 10, 20, 30, 40, 50, 0]
-  assert z["window_seconds"].tolist() == pytest.approx([5, 10, 10, 10, 10, 10, 10, 2])
-  assert z["window_has_audio"].tolist() == [False] + [True] * 7
-  # The retrieval eval's features: pooled audio, pooled middle frame; a file's: their mean.
+  # Windows: the GIF's one (5 s), b.mkv's three, the wav's one (2 s).
+  assert z["window_file"].tolist() == [0, 1, 1, 1, 2]
+  assert z["window_start"].tolist() == [0, 0, 10, 20, 0]
+  assert z["window_seconds"].tolist() == pytest.approx([5, 10, 10, 5, 2])
+  assert z["window_has_audio"].tolist() == [False, True, False, True, True]
+  assert z["window_has_video"].tolist() == [True, True, True, True, False]
+  # The retrieval eval's features (pooled audio, pooled middle frame) of each part as a file of
+  # its own; a file's: the mean over its windows that have the modality.
   model = runs["pre"][1][2][0]
-  mp4 = _prep(MP4)
-  np.testing.assert_allclose(z["window_audio"][1], _features(model, mp4.audio[None], "a")[0],
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(z["window_video"][1], _features(model, mp4.video[5][None], "v")[0],
-                             rtol=1e-5, atol=1e-5)
-  for k in ("audio", "video"):
-    np.testing.assert_allclose(z[k][1], z[f"window_{k}"][1:7].mean(0), rtol=1e-6)
-    np.testing.assert_array_equal(z[k][[0, 2]], z[f"window_{k}"][[0, 7]])
+  for k, part in enumerate(parts):
+    clip = _prep(part)
+    np.testing.assert_allclose(z["window_video"][1 + k],
+                               _features(model, clip.video[5][None], "v")[0], rtol=1e-5, atol=1e-5)
+    if clip.audio is None:
+      assert not z["window_audio"][1 + k].any()
+    else:
+      np.testing.assert_allclose(z["window_audio"][1 + k],
+                                 _features(model, clip.audio[None], "a")[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(z["audio"][1], z["window_audio"][[1, 3]].mean(0), rtol=1e-6)
+  np.testing.assert_allclose(z["video"][1], z["window_video"][1:4].mean(0), rtol=1e-6)
+  for k in ("audio", "video"):  # one window each: the window is the file
+    np.testing.assert_array_equal(z[k][[0, 2]], z[f"window_{k}"][[0, 4]])
   np.testing.assert_allclose(z["video"][0], _features(model, _prep(GIF).video[5][None], "v")[0],
                              rtol=1e-5, atol=1e-5)
 
   assert embed.main(["--checkpoint", runs["pre"][0], "--out", out,
                      media_files["broken"]]) == 1
   assert np.load(out)["paths"].shape == (0,) and np.load(out)["window_audio"].shape == (0, 32)
-  assert embed.main(["--checkpoint", runs["pre"][0], "--out", out, GIF]) == 0
+  assert embed.main(["--checkpoint", runs["pre"][0], "--out", out, "--hop", "5", GIF]) == 0
   assert np.load(out)["paths"].tolist() == [GIF]
+  assert np.load(out)["window_start"].tolist() == [0]  # 5 s: the first window reaches the end
   with pytest.raises(SystemExit) as e:  # found before any file is embedded
     embed.main(["--checkpoint", runs["pre"][0], "--out", str(tmp_path / "no" / "e.npz"), MP4])
   assert e.value.code == 2 and str(tmp_path / "no") in capsys.readouterr().err
@@ -508,9 +517,8 @@ def test_embedder_on_finetune_run(runs, long_file):
 
 # ----- whole files in windows ---------------------------------------------------------------
 
-def test_predict_and_embed_a_long_file_window_by_window(runs, predictor, long_file, tmp_path,
-                                                        capsys):
-  """Each window scores and embeds as its part does as a file; the whole file is their mean."""
+def test_predict_a_long_file_window_by_window(runs, predictor, long_file, capsys):
+  """Each window scores as its part does as a file; the whole file is their mean."""
   path, parts = long_file
   p = predictor.predict(path, top_k=3)
   alone = [predictor.predict(part, top_k=3) for part in parts]
@@ -533,19 +541,3 @@ def test_predict_and_embed_a_long_file_window_by_window(runs, predictor, long_fi
     predict.main(["--checkpoint", "nowhere", "--window", "20", path])
   assert e.value.code == 2
   assert "--window/--hop: window 20 s: must be 1 to 10 s" in capsys.readouterr().err
-
-  npz = str(tmp_path / "long.npz")
-  assert embed.main(["--checkpoint", runs["pre"][0], "--out", npz, "--hop", "10", path]) == 0
-  z = np.load(npz)
-  assert z["window_start"].tolist() == [0, 10, 20] and z["window_seconds"].tolist() == [10, 10, 5]
-  assert z["window_has_audio"].tolist() == [True, False, True]
-  embedder = inference.Embedder.load(runs["pre"][0])
-  for k, part in enumerate(parts):
-    a, v = embedder.embed(part)
-    np.testing.assert_allclose(z["window_video"][k], v, rtol=1e-6, atol=1e-7)
-    if a is None:
-      assert not z["window_audio"][k].any()
-    else:
-      np.testing.assert_allclose(z["window_audio"][k], a, rtol=1e-6, atol=1e-7)
-  # The file's audio: the mean over the two windows that have audio.
-  np.testing.assert_allclose(z["audio"][0], z["window_audio"][[0, 2]].mean(0), rtol=1e-6)
