@@ -97,7 +97,8 @@ def _config_of(argv: list[str]):
     return None
 
 
-@utils.cli_errors(config.ConfigError)
+# A TPU machine JAX would not use is a start-up error too (distributed.check_tpu_runtime).
+@utils.cli_errors(config.ConfigError, distributed.StartupError)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -3,7 +3,7 @@
   run(config, workdir)          config.mode, checked once into specs (config.py):
     pretrain                    contrastive + reconstruction losses; zero-shot retrieval eval
     finetune                    the classifier on the pretrained encoder; classification eval
-    eval                        the workdir's latest checkpoint on the eval split
+    eval                        the workdir's selected epoch (WORKDIR/best) or latest checkpoint
     pretrain+finetune           both stages, into WORKDIR/pretrain and WORKDIR/finetune (the demo)
   train(spec, workdir)          one stage; resumes from the workdir's latest checkpoint
   evaluate_run(spec, workdir)   a finished run's checkpoint; builds no optimizer
@@ -250,16 +250,41 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
   return results
 
 
+def eval_checkpoint(workdir: str) -> tuple[checkpoint.Run, str, str]:
+  """(the checkpoint mode=eval evaluates, the run directory its results go to, which and why).
+
+  A run directory: the epoch eval.every_epoch selected (WORKDIR/best, the figures results.json
+  reports) when the run has one, else its latest checkpoint. A step directory
+  WORKDIR/checkpoints/<step>: that step; its results go to WORKDIR.
+  """
+  try:
+    named = checkpoint.load_run(workdir)
+  except checkpoint.CheckpointError as e:
+    raise ConfigError(f"mode=eval needs --workdir to be a training run: {e}") from e
+  if os.path.abspath(named.workdir) != os.path.abspath(workdir):
+    return named, named.workdir, f"step {named.step}, the step directory given"
+  best_dir = os.path.join(workdir, "best")
+  if os.path.exists(os.path.join(best_dir, "selection.json")):
+    try:
+      best = checkpoint.load_run(best_dir)
+    except checkpoint.CheckpointError:
+      best = None  # no epoch finished its save: the latest it is
+    if best is not None:
+      return best, named.workdir, (
+          f"step {best.step}, the epoch eval.every_epoch selected ({best_dir}; the latest is "
+          f"step {named.step}: --workdir={named.step_dir} evaluates it)")
+  return named, named.workdir, f"step {named.step}, the latest checkpoint"
+
+
 def evaluate_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
-  """mode=eval: the latest checkpoint of the run in `workdir` on the configured eval split.
+  """mode=eval: a checkpoint of the run in `workdir` (eval_checkpoint: the selected epoch if the
+  run has one, else the latest) on the configured eval split.
 
   The model comes from the current config, but for the switches its weights were trained with
   and the classifier's loss (what its scores mean), which come from the run's own config.json.
   """
-  try:
-    trained = checkpoint.load_run(workdir)
-  except checkpoint.CheckpointError as e:
-    raise ConfigError(f"mode=eval needs --workdir to be a training run: {e}") from e
+  trained, workdir, which = eval_checkpoint(workdir)
+  logging.info("mode=eval: checkpoint %s", which)
   spec = provenance.from_run(spec, trained.config, workdir)
   log_model_from_weights(spec)
   stage = "finetune" if trained.config.get("mode") == "finetune" else "pretrain"
@@ -275,7 +300,8 @@ def evaluate_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
       jax.device_get(checkpoint.restore_params(trained, fns.abstract_params)), fns.abstract_params)
   results = Evaluator(spec, ds_dir, fns.eval_step, mesh)(
       params, plot_path=os.path.join(workdir, "embeddings.png"), title=stage)
-  results = dict(results, step=trained.step, split=spec.data.eval_split)
+  results = dict(results, step=trained.step, split=spec.data.eval_split,
+                 checkpoint={"dir": trained.step_dir, "which": which})
   progress.Logger(workdir, trained.step, 1).scalars(trained.step, flat_scalars(results))
   utils.write_json(os.path.join(workdir, f"eval_{spec.data.eval_split}.json"), results)
   logging.info("Checkpoint step %d on %s: %s", trained.step, spec.data.eval_split,

@@ -202,6 +202,15 @@ def test_every_epoch_keeps_the_best_epoch_and_stops_early(tmp_path, dataset, pre
   assert inference.Predictor.load(sel["checkpoint"]).label_names
   # A restart does not train on after the early stop.
   assert train.run(config, work)["step"] == 2 * spe
+  # mode=eval evaluates the selected epoch, as results.json reports it, not the latest step;
+  # a step directory names another checkpoint (the results go to the run directory).
+  config.mode = "eval"
+  chosen = train.run(config, work)
+  assert chosen["step"] == spe and "selected" in chosen["checkpoint"]["which"]
+  assert chosen["audio-visual"]["top1"] == pytest.approx(sel["best_score"])
+  assert train.run(config, os.path.join(work, "checkpoints", str(2 * spe)))["step"] == 2 * spe
+  with open(os.path.join(work, "eval_eval.json")) as f:
+    assert json.load(f)["checkpoint"]["dir"] == os.path.join(work, "checkpoints", str(2 * spe))
 
 
 # ----- modality draws per part of the batch (finetune.modality_shards) ----------------------

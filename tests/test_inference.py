@@ -130,6 +130,45 @@ def media_files(tmp_path_factory):
   return {"wav": wav, "silent": silent, "broken": broken}
 
 
+def _write_lossless(path, frames, audio, fps=25, rate=16000):
+  """FFV1 video (each frame coded alone, losslessly) and PCM audio: a file cut into parts
+  decodes to exactly the parts' frames and samples."""
+  with av.open(path, "w") as c:
+    vs = c.add_stream("ffv1", rate=fps)
+    vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv444p"
+    s = c.add_stream("pcm_s16le", rate=rate, layout="mono")
+    for f in frames:
+      c.mux(vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+    c.mux(vs.encode(None))
+    for i in range(0, audio.size, rate // 10):
+      frame = av.AudioFrame.from_ndarray(audio[None, i:i + rate // 10], format="s16",
+                                         layout="mono")
+      frame.sample_rate = rate
+      c.mux(s.encode(frame))
+    c.mux(s.encode(None))
+  return path
+
+
+PARTS = [(0, 10), (10, 20), (20, 25)]  # seconds: two whole windows and a shorter last one
+
+
+@pytest.fixture(scope="module")
+def long_file(tmp_path_factory):
+  """A 25 s file (64 x 48 frames whose colour and bar move, a tone whose pitch changes every
+  10 s, silent from 10 to 20 s) and its three parts as files of their own."""
+  d, fps, rate = tmp_path_factory.mktemp("long"), 25, 16000
+  frames = np.zeros((25 * fps, 48, 64, 3), np.uint8)
+  for i in range(len(frames)):
+    frames[i] = (7 * i) % 256
+    frames[i, :, i % 64] = 255
+  t = np.arange(25 * rate) / rate
+  audio = 0.3 * np.sin(2 * np.pi * (300 + 200 * (t // 10)) * t) * ((t < 10) | (t >= 20))
+  audio = (audio * 32767).astype(np.int16)
+  parts = [_write_lossless(str(d / f"part{k}.mkv"), frames[a * fps:b * fps],
+                           audio[a * rate:b * rate]) for k, (a, b) in enumerate(PARTS)]
+  return _write_lossless(str(d / "long.mkv"), frames, audio), parts
+
+
 @pytest.fixture(scope="module")
 def predictor(runs):
   return inference.Predictor.load(runs["bce"][0])
@@ -235,6 +274,53 @@ def test_prepare_fallbacks_and_errors(media_files, tmp_path):
     _prep(tmp_path / "nope.mp4")
 
 
+@pytest.mark.parametrize("duration, window, hop, want", [
+    (25, 10, 10, [0, 10, 20]),  # the last window shorter
+    (20, 10, 10, [0, 10]), (10.02, 10, 10, [0]), (20.5, 10, 10, [0, 10]),  # a tail < 1 s: none
+    (21.2, 10, 10, [0, 10, 20]), (5, 10, 10, [0]), (0.5, 10, 10, [0]),
+    (25, 10, 5, [0, 5, 10, 15]),  # overlapping: up to the first that reaches the end
+    (25, 4, 10, [0, 10, 20]),  # gaps between windows
+])
+def test_window_starts(duration, window, hop, want):
+  assert media.window_starts(duration, window, hop) == want
+
+
+def test_windows_of_a_long_file_are_its_parts(long_file, tmp_path):
+  """Each window of the 25 s file is prepared as its part, a file of its own, is: frames,
+  padded fbank and fallback alike."""
+  path, parts = long_file
+  windows = list(clips.prepare_windows(path, audio_frames=1024, image_size=SIZE))
+  assert [(w.start, w.seconds) for w in windows] == [(0, 10), (10, 10), (20, 5)]
+  for w, part in zip(windows, parts):
+    want = clips.prepare_clip(part, audio_frames=1024, image_size=SIZE)
+    assert (w.modality, w.reason) == (want.modality, want.reason)
+    np.testing.assert_array_equal(w.video, want.video)
+    if want.audio is None:
+      assert w.audio is None
+    else:
+      np.testing.assert_array_equal(w.audio, want.audio)
+  assert [w.modality for w in windows] == ["audio-visual", "visual-only", "audio-visual"]
+  # The last 5 s give 498 fbank frames, padded to 1024 as the pipeline pads a short clip.
+  assert np.all(windows[2].audio[500:] == windows[2].audio[-1])
+  assert not np.all(windows[2].audio[400:498] == windows[2].audio[-1])
+  # Overlapping windows: the one starting at 10 s is the second part again.
+  half = list(clips.prepare_windows(path, audio_frames=1024, image_size=SIZE, window=10, hop=5))
+  assert [w.start for w in half] == [0, 5, 10, 15]
+  np.testing.assert_array_equal(half[2].video, windows[1].video)
+  np.testing.assert_array_equal(half[0].audio, windows[0].audio)
+  # No window usable (no video, silent audio): the file fails at once, saying why for both.
+  silent = str(tmp_path / "silent.wav")
+  with av.open(silent, "w") as c:
+    stream = c.add_stream("pcm_s16le", rate=16000, layout="mono")
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 48000), np.int16), format="s16",
+                                       layout="mono")
+    frame.sample_rate = 16000
+    c.mux(stream.encode(frame))
+    c.mux(stream.encode(None))
+  with pytest.raises(media.ClipError, match="silent_audio.*and no video stream"):
+    clips.prepare_windows(silent, audio_frames=1024, image_size=SIZE)
+
+
 # ----- loading ------------------------------------------------------------------------------
 
 def _params_equal(a, b):
@@ -284,16 +370,24 @@ def test_pretrain_refused(runs):
 
 def test_predict_audio_visual_and_visual_only(runs, predictor):
   model = runs["bce"][1][5][0]
-  clip = _prep(MP4)
+  clip = _prep(MP4)  # the first 10 s
   p = predictor.predict(MP4, top_k=2)
   assert (p.modality, p.reason) == ("audio-visual", "")
+  # 60.1 s: six windows of 10 s (the 0.1 s tail is none); the first is the first 10 s.
+  assert [(w.start, w.seconds) for w in p.windows] == [(10 * k, 10) for k in range(6)]
   audio = np.repeat(clip.audio[None], 10, axis=0)
   want = np.asarray(jax.nn.sigmoid(_av(model, audio, clip.video))).mean(0)
-  np.testing.assert_allclose(p.probs, want, rtol=1e-5, atol=1e-6)
-  assert p.probs.shape == (3,) and not np.allclose(p.probs, p.probs[0])
+  first = p.windows[0]
+  np.testing.assert_allclose(first.probs, want, rtol=1e-5, atol=1e-6)
+  assert first.probs.shape == (3,) and not np.allclose(first.probs, first.probs[0])
   order = np.argsort(-want)
-  assert [n for n, _ in p.top] == [LABELS[i] for i in order[:2]]
-  assert [s for _, s in p.top] == pytest.approx(want[order[:2]], rel=1e-5)
+  assert [n for n, _ in first.top] == [LABELS[i] for i in order[:2]]
+  assert [s for _, s in first.top] == pytest.approx(want[order[:2]], rel=1e-5)
+  # The whole file: the mean of the windows' probabilities.
+  whole = np.mean([w.probs for w in p.windows], axis=0)
+  np.testing.assert_allclose(p.probs, whole, rtol=1e-6)
+  assert not np.allclose(p.probs, first.probs, rtol=1e-3)
+  assert [n for n, _ in p.top] == [LABELS[i] for i in np.argsort(-whole)[:2]]
 
   g = predictor.predict(GIF)
   assert (g.modality, g.reason) == ("visual-only", "no audio stream")
@@ -311,12 +405,13 @@ def test_predict_audio_only_softmax(runs, media_files):
   assert p.probs.sum() == pytest.approx(1.0, abs=1e-5)
 
 
-def test_predict_cli(runs, media_files, capsys):
-  rc = predict.main(["--checkpoint", runs["bce"][0], "--top_k", "2", MP4,
+def test_predict_cli(runs, media_files, long_file, capsys):
+  part = long_file[1][0]  # 10 s, audio-visual
+  rc = predict.main(["--checkpoint", runs["bce"][0], "--top_k", "2", part,
                      media_files["broken"], GIF])
   out, err = capsys.readouterr()
   assert rc == 1
-  assert f"{MP4}: audio-visual\n" in out
+  assert f"{part}: audio-visual\n" in out  # one window each: no list of windows
   assert f"{GIF}: visual-only (no audio stream)\n" in out
   assert len([l for l in out.splitlines() if l.startswith("  ")]) == 4  # 2 classes x 2 files
   errors = err.strip().splitlines()
@@ -348,10 +443,11 @@ def test_predict_module_exits_non_zero_when_a_file_fails(runs, media_files):
 
 # ----- embeddings ---------------------------------------------------------------------------
 
-def test_embed_cli(runs, media_files, tmp_path, capsys):
+def test_embed_cli(runs, media_files, long_file, tmp_path, capsys):
+  long, parts = long_file
   folder = tmp_path / "in"
   (folder / "sub").mkdir(parents=True)
-  shutil.copy(MP4, folder / "sub" / "b.mp4")
+  shutil.copy(long, folder / "sub" / "b.mkv")  # 25 s: three windows, the middle one silent
   shutil.copy(GIF, folder / "a.gif")
   shutil.copy(media_files["broken"], folder / "c.mp4")
   (folder / "notes.txt").write_text("not a video")
@@ -362,7 +458,7 @@ def test_embed_cli(runs, media_files, tmp_path, capsys):
   assert rc == 1  # c.mp4 skipped; the others are in the file
   assert "c.mp4" in err and "unreadable" in err
   z = np.load(out)
-  want_paths = [str(folder / "a.gif"), str(folder / "sub" / "b.mp4"), media_files["wav"]]
+  want_paths = [str(folder / "a.gif"), str(folder / "sub" / "b.mkv"), media_files["wav"]]
   assert z["paths"].tolist() == want_paths
   assert z["audio"].shape == z["video"].shape == (3, 32)
   assert z["audio"].dtype == z["video"].dtype == np.float32
@@ -372,31 +468,76 @@ def test_embed_cli(runs, media_files, tmp_path, capsys):
   assert z["skipped"].shape == (1, 2) and z["skipped"][0, 0] == str(folder / "c.mp4")
   assert z["skipped"][0, 1].startswith("unreadable")
 
-  # The retrieval eval's features: pooled audio, pooled middle frame.
+  # Windows: the GIF's one (5 s), b.mkv's three, the wav's one (2 s).
+  assert z["window_file"].tolist() == [0, 1, 1, 1, 2]
+  assert z["window_start"].tolist() == [0, 0, 10, 20, 0]
+  assert z["window_seconds"].tolist() == pytest.approx([5, 10, 10, 5, 2])
+  assert z["window_has_audio"].tolist() == [False, True, False, True, True]
+  assert z["window_has_video"].tolist() == [True, True, True, True, False]
+  # The retrieval eval's features (pooled audio, pooled middle frame) of each part as a file of
+  # its own; a file's: the mean over its windows that have the modality.
   model = runs["pre"][1][2][0]
-  mp4 = _prep(MP4)
-  np.testing.assert_allclose(z["audio"][1], _features(model, mp4.audio[None], "a")[0],
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(z["video"][1], _features(model, mp4.video[5][None], "v")[0],
-                             rtol=1e-5, atol=1e-5)
+  for k, part in enumerate(parts):
+    clip = _prep(part)
+    np.testing.assert_allclose(z["window_video"][1 + k],
+                               _features(model, clip.video[5][None], "v")[0], rtol=1e-5, atol=1e-5)
+    if clip.audio is None:
+      assert not z["window_audio"][1 + k].any()
+    else:
+      np.testing.assert_allclose(z["window_audio"][1 + k],
+                                 _features(model, clip.audio[None], "a")[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(z["audio"][1], z["window_audio"][[1, 3]].mean(0), rtol=1e-6)
+  np.testing.assert_allclose(z["video"][1], z["window_video"][1:4].mean(0), rtol=1e-6)
+  for k in ("audio", "video"):  # one window each: the window is the file
+    np.testing.assert_array_equal(z[k][[0, 2]], z[f"window_{k}"][[0, 4]])
   np.testing.assert_allclose(z["video"][0], _features(model, _prep(GIF).video[5][None], "v")[0],
                              rtol=1e-5, atol=1e-5)
 
   assert embed.main(["--checkpoint", runs["pre"][0], "--out", out,
                      media_files["broken"]]) == 1
-  assert np.load(out)["paths"].shape == (0,)
-  assert embed.main(["--checkpoint", runs["pre"][0], "--out", out, MP4]) == 0
-  assert np.load(out)["paths"].tolist() == [MP4]
+  assert np.load(out)["paths"].shape == (0,) and np.load(out)["window_audio"].shape == (0, 32)
+  assert embed.main(["--checkpoint", runs["pre"][0], "--out", out, "--hop", "5", GIF]) == 0
+  assert np.load(out)["paths"].tolist() == [GIF]
+  assert np.load(out)["window_start"].tolist() == [0]  # 5 s: the first window reaches the end
   with pytest.raises(SystemExit) as e:  # found before any file is embedded
     embed.main(["--checkpoint", runs["pre"][0], "--out", str(tmp_path / "no" / "e.npz"), MP4])
   assert e.value.code == 2 and str(tmp_path / "no") in capsys.readouterr().err
 
 
-def test_embedder_on_finetune_run(runs):
+def test_embedder_on_finetune_run(runs, long_file):
   model = runs["bce"][1][5][0]
-  a, v = inference.Embedder.load(runs["bce"][0]).embed(MP4)
-  clip = _prep(MP4)
+  part = long_file[1][0]
+  a, v = inference.Embedder.load(runs["bce"][0]).embed(part)
+  clip = _prep(part)
   np.testing.assert_allclose(a, _pooled(model.encoder, clip.audio[None], "a")[0],
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(v, _pooled(model.encoder, clip.video[5:6], "v")[0],
                              rtol=1e-5, atol=1e-5)
+
+
+# ----- whole files in windows ---------------------------------------------------------------
+
+def test_predict_a_long_file_window_by_window(runs, predictor, long_file, capsys):
+  """Each window scores as its part does as a file; the whole file is their mean."""
+  path, parts = long_file
+  p = predictor.predict(path, top_k=3)
+  alone = [predictor.predict(part, top_k=3) for part in parts]
+  assert [len(a.windows) for a in alone] == [1, 1, 1]
+  for w, a in zip(p.windows, alone):
+    assert (w.modality, w.reason) == (a.modality, a.reason)
+    np.testing.assert_allclose(w.probs, a.probs, rtol=1e-6, atol=1e-7)
+    assert [n for n, _ in w.top] == [n for n, _ in a.top]
+  np.testing.assert_allclose(p.probs, np.mean([a.probs for a in alone], axis=0), rtol=1e-6)
+  assert p.modality == "mixed"
+  assert p.reason == "audio-visual in 2 of 3 windows, visual-only in 1 of 3 windows"
+
+  assert predict.main(["--checkpoint", runs["bce"][0], "--top_k", "1", path]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[0] == f"{path}: mixed ({p.reason}); 3 windows of 10 s every 10 s, the whole file:"
+  assert [l for l in out if l.startswith("  [")] == [
+      "  [0-10 s] audio-visual", "  [10-20 s] visual-only (silent audio track)",
+      "  [20-25 s] audio-visual"]
+  with pytest.raises(SystemExit) as e:  # before the checkpoint is read
+    predict.main(["--checkpoint", "nowhere", "--window", "20", path])
+  assert e.value.code == 2
+  assert "--window/--hop: window 20 s: must be 1 to 10 s" in capsys.readouterr().err

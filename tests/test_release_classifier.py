@@ -113,8 +113,10 @@ def test_predict_cli_on_a_video(tmp_path, capsys):
   capsys.readouterr()
   assert predict.main(["--checkpoint", out, "--top_k", "3", MP4]) == 0
   lines = capsys.readouterr().out.splitlines()
-  assert lines[0] == f"{MP4}: audio-visual"
-  assert len(lines) == 4 and all(l.split(None, 1)[1] in NAMES for l in lines[1:])
+  # 60 s: the whole file's top 3, then each of its 6 windows' (a span line and 3 classes).
+  assert lines[0] == f"{MP4}: audio-visual; 6 windows of 10 s every 10 s, the whole file:"
+  scores = [l for l in lines[1:] if not l.lstrip().startswith("[")]
+  assert len(lines) == 4 + 6 * 4 and all(l.split(None, 1)[1] in NAMES for l in scores)
 
 
 def test_convert_refusals(tmp_path, capsys):

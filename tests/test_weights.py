@@ -637,3 +637,10 @@ def test_one_table_of_the_fields_weights_are_tied_to():
   for key in ("variant", "image_size", "mm_depth", "mm_norm", "decoder_width",
               "separate_audio_patch"):
     assert key in checkpoint.HINT, key
+
+
+def test_frame_resize_flag_takes_both_spellings():
+  base = ["--format", "avsiam", "--src", "x.pth", "--variant", "B/16", "--out", "o"]
+  assert convert.parser().parse_args(base).frame_resize == "squash"  # the release's
+  for flag in ("--frame_resize", "--frame-resize"):  # data_prep.build's, and this tool's style
+    assert convert.parser().parse_args(base + [flag, "crop"]).frame_resize == "crop"

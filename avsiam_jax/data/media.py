@@ -6,7 +6,9 @@
 `square_image` makes each frame square (`frame_resize`: one of
 records.FRAME_RESIZES).  Every way a file can be unusable raises `ClipError`
 with a short, stable `reason` code so that data pipelines can count and skip
-bad clips.
+bad clips.  `decode_windows` cuts a whole file into windows of `window` seconds
+every `hop` seconds (`window_starts`), each sampled as `decode_clip` samples a
+clip, in one pass over the file.
 
 Audio is resampled in its own channel layout, then down-mixed here (`downmix`,
 one of records.DOWNMIXES): "mean" averages the channels (the released AVSiam
@@ -207,7 +209,9 @@ def downmix_channels(a: np.ndarray, downmix: str = "mean") -> np.ndarray:
 class _AudioCollector:
   def __init__(self, sample_rate, max_seconds, downmix="mean"):
     self.sample_rate = sample_rate
-    self.max_samples = int(round(max_seconds * sample_rate))
+    # None: the whole track (decode_windows).
+    self.max_samples = (None if max_seconds == float("inf")
+                        else int(round(max_seconds * sample_rate)))
     self.downmix = downmix
     self.resampler = None
     self.chunks = []
@@ -226,7 +230,7 @@ class _AudioCollector:
       a = downmix_channels(f.to_ndarray(), self.downmix)
       self.chunks.append(a)
       self.n += a.shape[0]
-    if self.n >= self.max_samples:
+    if self.max_samples is not None and self.n >= self.max_samples:
       self.done = True
 
   def add(self, frame):
@@ -366,6 +370,206 @@ def _decode(path, num_frames, image_size, sample_rate, max_seconds, want_video, 
     if float(np.max(np.abs(wave))) < SILENCE_THRESHOLD:
       raise ClipError(path, "silent_audio", f"max |sample| < {SILENCE_THRESHOLD}")
   return frames, wave
+
+
+# ---------------------------------------------------------------- windows
+
+
+def window_starts(duration: float, window: float, hop: float) -> list[float]:
+  """Start times (s) of the windows covering a file of `duration` seconds.
+
+  Windows start at 0, hop, 2 hop, ... up to the first one that reaches the end of the file; a
+  last window shorter than MIN_AUDIO_SECONDS (a tail of under 1 s) is dropped, unless it is
+  the only one.
+  """
+  if window <= 0 or hop <= 0:
+    raise ValueError(f"window and hop must be positive, got {window} and {hop}")
+  starts, k = [0.0], 1
+  while starts[-1] + window < duration - _TIME_EPS:
+    start = float(k * hop)
+    if start >= duration - _TIME_EPS or duration - start < MIN_AUDIO_SECONDS:
+      break
+    starts.append(start)
+    k += 1
+  return starts
+
+
+@dataclass
+class Window:
+  """One window of a file: its frames and waveform, or why a modality is missing there."""
+  start: float  # seconds from the start of the file
+  seconds: float  # its length: the window's, or less for the last one
+  frames: np.ndarray | None  # (num_frames, S, S, 3) uint8
+  waveform: np.ndarray | None  # (N,) float32
+  video_error: ClipError | None
+  audio_error: ClipError | None
+
+
+class _WindowSampler:
+  """Counts the frames of every window in one pass (window k: [k hop, k hop + window) seconds
+  from the first frame) and keeps those its sampling may need, found from an estimate of its
+  frame count; a closed window's frames are made square at once, the rest dropped."""
+
+  def __init__(self, vs, window, hop, num_frames, frame_span, image_size, frame_resize,
+               duration):
+    self.rate = _frame_rate(vs) or 30.0
+    self.time_base = vs.time_base
+    self.window, self.hop, self.duration = window, hop, duration
+    self.num_frames, self.frame_span = num_frames, frame_span
+    self.image_size, self.frame_resize = image_size, frame_resize
+    self.total = 0
+    self.origin = self.last = None
+    self.first, self.count, self.keep = {}, {}, {}  # per open window
+    self.kept = {}  # global frame index -> frame
+    self.frames = {}  # window -> (num_frames, S, S, 3) uint8
+    self.missing = {}  # window -> global indices the estimate did not keep
+    self.done = False  # never: the whole stream is read
+
+  def _estimate(self, k):
+    seconds = self.window
+    if self.duration:
+      seconds = min(seconds, max(self.duration - k * self.hop, 0.0))
+    return max(1, int(round(seconds * self.rate)))
+
+  def _windows_at(self, t):
+    out, k = [], int((t + _TIME_EPS) // self.hop)
+    while k >= 0 and t < k * self.hop + self.window - _TIME_EPS:
+      out.append(k)
+      k -= 1
+    return out
+
+  def _close(self, k):
+    first, count = self.first.pop(k), self.count.pop(k)
+    del self.keep[k]
+    wanted = [first + i for i in frame_indices(count, self.num_frames, self.frame_span)]
+    if all(g in self.kept for g in wanted):
+      self.frames[k] = np.stack([
+          square_image(self.kept[g].to_image(), self.image_size, self.frame_resize)
+          for g in wanted])
+    else:
+      self.missing[k] = wanted
+
+  def _prune(self):
+    lo = min(self.first.values(), default=self.total)
+    for g in [g for g in self.kept if g < lo]:
+      del self.kept[g]
+
+  def add(self, frame):
+    t = frame.time
+    if t is None or t != t:  # frames drained from a threaded decoder can lack a time base
+      t = (float(frame.pts * self.time_base) if frame.pts is not None and self.time_base
+           else self.total / self.rate)  # no timestamps: assume a constant rate
+    if self.origin is None:
+      self.origin = t
+    t -= self.origin
+    g, self.last = self.total, t
+    self.total += 1
+    for k in [k for k in self.first if t >= k * self.hop + self.window - _TIME_EPS]:
+      self._close(k)
+    for k in self._windows_at(t):
+      if k not in self.first:
+        self.first[k], self.count[k] = g, 0
+        self.keep[k] = _candidate_indices(self._estimate(k), self.num_frames, self.frame_span)
+      if self.count[k] in self.keep[k]:
+        self.kept[g] = frame
+      self.count[k] += 1
+    self._prune()
+
+  def finish(self, path):
+    for k in list(self.first):
+      self._close(k)
+    self.kept.clear()
+    if self.missing:  # some estimate was off: fetch exactly those frames
+      wanted = sorted({g for w in self.missing.values() for g in w})
+      sampler = _second_pass(path, wanted, float("inf"))
+      have = np.array(sorted(sampler.kept))
+      for k, w in self.missing.items():
+        if have.size:
+          # As decode_clip: the nearest frame where a decoder does not repeat itself.
+          w = [int(have[np.abs(have - g).argmin()]) for g in w]
+          self.frames[k] = np.stack([
+              square_image(sampler.kept[g].to_image(), self.image_size, self.frame_resize)
+              for g in w])
+      self.missing.clear()
+
+  @property
+  def seconds(self) -> float:
+    return 0.0 if self.last is None else self.last + 1.0 / self.rate
+
+
+def decode_windows(path, window: float = 10.0, hop: float | None = None, num_frames: int = 10,
+                   image_size: int = 224, sample_rate: int = 16000, frame_resize: str = "crop",
+                   downmix: str = "mean", frame_span: str = "first") -> list[Window]:
+  """A whole file as windows of `window` seconds every `hop` (default: `window`) seconds.
+
+  Each window is sampled as decode_clip samples a clip of its own: `num_frames` frames by
+  `frame_span`'s rule among the frames inside it, and its audio samples. The windows are those
+  of window_starts over the longer of the two streams; the last may be shorter. A window
+  without frames or usable audio there says why (video_error, audio_error: ClipErrors as
+  decode_clip raises them); a file that cannot be opened or yields nothing raises ClipError.
+  The whole audio track and 10 frames per window are held in memory.
+  """
+  path = os.fspath(path)
+  hop = window if hop is None else hop
+  if window <= 0 or hop <= 0 or num_frames < 1 or image_size < 1 or sample_rate < 1:
+    raise ValueError("window, hop, num_frames, image_size, sample_rate must be positive")
+  check_frame_resize(frame_resize)
+  check_downmix(downmix)
+  check_frame_span(frame_span)
+  with _open(path) as c:
+    vs, as_ = _pick_stream(c.streams.video), _pick_stream(c.streams.audio)
+    if vs is None and as_ is None:
+      raise ClipError(path, "unreadable", "no audio or video stream")
+    sampler = audio = None
+    if vs is not None:
+      vs.thread_type = "AUTO"
+      dur = None
+      if vs.duration and vs.time_base:
+        dur = float(vs.duration * vs.time_base)
+      elif c.duration:
+        dur = c.duration / av.time_base
+      sampler = _WindowSampler(vs, window, hop, num_frames, frame_span, image_size,
+                               frame_resize, dur)
+    if as_ is not None:
+      as_.thread_type = "AUTO"
+      audio = _AudioCollector(sample_rate, float("inf"), downmix)
+    _run(c, vs, as_, sampler, audio)
+  wave = audio.finish() if audio is not None else None
+  if (sampler is None or sampler.total == 0) and (wave is None or wave.size == 0):
+    raise ClipError(path, "unreadable", "nothing could be decoded")
+  if sampler is not None:
+    sampler.finish(path)
+  duration = max(0.0 if sampler is None else sampler.seconds,
+                 0.0 if wave is None else wave.size / sample_rate)
+  out = []
+  for start in window_starts(duration, window, hop):
+    k = int(round(start / hop))
+    seconds = min(window, duration - start)
+    frames = video_error = None
+    if sampler is None:
+      video_error = ClipError(path, "no_video", "no video stream")
+    elif k in sampler.frames:
+      frames = sampler.frames[k]
+    elif sampler.total == 0:
+      video_error = ClipError(path, "no_frames", "video stream has no decodable frame")
+    else:
+      video_error = ClipError(path, "no_frames",
+                              f"no video frame in {start:g}-{start + seconds:g} s")
+    piece = audio_error = None
+    if wave is None:
+      audio_error = ClipError(path, "no_audio", "no audio stream")
+    else:
+      piece = wave[int(round(start * sample_rate)):int(round((start + window) * sample_rate))]
+      if piece.size < MIN_AUDIO_SECONDS * sample_rate:
+        audio_error = ClipError(
+            path, "audio_too_short",
+            f"{piece.size / sample_rate:.3f} s of audio < {MIN_AUDIO_SECONDS} s")
+      elif float(np.max(np.abs(piece))) < SILENCE_THRESHOLD:
+        audio_error = ClipError(path, "silent_audio", f"max |sample| < {SILENCE_THRESHOLD}")
+      if audio_error is not None:
+        piece = None
+    out.append(Window(start, seconds, frames, piece, video_error, audio_error))
+  return out
 
 
 # ---------------------------------------------------------------- public API

@@ -221,7 +221,9 @@ def parser() -> argparse.ArgumentParser:
                  "one name a line; writes a run directory with the heads")
   g.add_argument("--loss", choices=("bce", "ce"), help="the loss it was finetuned with (default: "
                  "bce for 527 classes, ce for 309)")
-  g.add_argument("--frame-resize", choices=records.FRAME_RESIZES, default=RELEASE_FRAME_RESIZE,
+  # Spelled as data_prep.build's flag; the hyphenated spelling of this command's others works too.
+  g.add_argument("--frame_resize", "--frame-resize", dest="frame_resize",
+                 choices=records.FRAME_RESIZES, default=RELEASE_FRAME_RESIZE,
                  help="how inference makes frames square (default: squash, as released)")
   g.add_argument("--drop-heads", action="store_true",
                  help="convert only the encoder and multimodal blocks (a pretraining start)")
