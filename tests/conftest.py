@@ -39,6 +39,18 @@ def demo_dataset(tmp_path_factory):
   return demo.ensure_demo_dataset(str(tmp_path_factory.mktemp("demo") / "ds"), 40, 10, seed=0)
 
 
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory, demo_dataset):
+  """A pretraining run of two steps on the demo dataset: what the finetuning tests start from."""
+  from avsiam_jax import train  # pylint: disable=import-outside-toplevel
+  from tests.test_train import tiny_config  # pylint: disable=import-outside-toplevel
+  pre = tiny_config()
+  pre.data.demo, pre.data.dir, pre.total_steps = False, demo_dataset, 2
+  pre_dir = str(tmp_path_factory.mktemp("pre"))
+  train.run(pre, pre_dir)
+  return pre_dir
+
+
 def build(config, num_devices: int = 1, *, num_classes: int = 0, steps_per_epoch: int = 10):
   """(spec, mesh, task, TrainFns) of a ConfigDict on the first `num_devices` devices, built as
   the trainer builds them (the stage is config.mode's: finetune, or else pretrain)."""

@@ -39,13 +39,9 @@ def dataset(demo_dataset):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, dataset):
-  """A pretraining run of two steps: what finetuning starts from."""
-  pre = tiny_config()
-  pre.data.demo, pre.data.dir, pre.total_steps = False, dataset, 2
-  pre_dir = str(tmp_path_factory.mktemp("pre"))
-  train.run(pre, pre_dir)
-  return pre_dir
+def pretrained(pretrained_run):
+  """A pretraining run of two steps: what finetuning starts from (conftest's, shared)."""
+  return pretrained_run
 
 
 def test_modality_draw_frequencies():
