@@ -73,9 +73,10 @@ def _encoder_flops(enc, n_kept: int, n_all: int, channels: int) -> float:
 def analytic_flops_per_sample(spec: RunSpec, stage: str) -> float:
   """Matmul FLOPs of one train step per example (backward = 2 x forward where gradients flow).
 
-  Pretraining: the contrastive pass at each ratio (each on 1/G of the batch) with its backward;
-  the reconstruction pass's encoder forward at the MAE ratio (its gradient stops before the
-  multimodal blocks), then the multimodal blocks and the decoder with their backward.
+  Pretraining (and retrieval finetuning): the contrastive pass at each of a modality's ratios
+  (each on 1/G of the batch) with its backward; the reconstruction pass's encoder forward at
+  the MAE ratio (its gradient stops before the multimodal blocks), then the multimodal blocks
+  and the decoder with their backward; a loss of weight 0 costs nothing.
   Finetuning: the audio-visual branch (audio + one frame, then the multimodal blocks).
   """
   m, enc = spec.model, spec.model.encoder
@@ -85,10 +86,14 @@ def analytic_flops_per_sample(spec: RunSpec, stage: str) -> float:
     fwd = sum(_encoder_flops(enc, n[k], n[k], channels[k]) for k in n)
     fwd += m.mm_depth * _block_flops(n["a"] + n["v"], enc.width, enc.mlp)
     return 3 * fwd
-  p = spec.pretrain
-  ratios = p.mask_ratios
-  contrastive = sum(_encoder_flops(enc, masking.kept_count(n[k], r), n[k], channels[k])
-                    for k in n for r in ratios) / len(ratios)
+  p = spec.objective(stage)
+  contrastive = sum(
+      sum(_encoder_flops(enc, masking.kept_count(n[k], r), n[k], channels[k])
+          for r in p.ratios(k)) / len(p.ratios(k)) for k in n)
+  if not p.reconstruction_weight:
+    return 3 * contrastive
+  if not p.contrastive_weight:
+    contrastive = 0.0
   kept = {k: masking.kept_count(n[k], p.mae_mask_ratio) for k in n}
   rec_encoder = sum(_encoder_flops(enc, kept[k], n[k], channels[k]) for k in n)
   dw, nk, nall = m.decoder_width, kept["a"] + kept["v"], n["a"] + n["v"]
@@ -210,7 +215,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   stages = config_lib.STAGES[spec.mode]
   if not stages:
     raise ConfigError("config.compile_only.topology: compiles training stages; use "
-                      "mode=pretrain, finetune or pretrain+finetune")
+                      "mode=pretrain, finetune, retrieval_finetune or pretrain+finetune")
   logging.info("Compiling for %s: %d chips on %d hosts, no TPU needed", topology, len(devices),
                hosts)
   reports = {}

@@ -15,13 +15,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from avsiam_jax import losses, masking
+from avsiam_jax import losses
 from avsiam_jax.data import records
 from avsiam_jax.models import layers
 from avsiam_jax.models.avsiam import AVSiamSpec
 from avsiam_jax.models.vit import EncoderSpec, encoder_spec
-from avsiam_jax.vocab import (BATCH_AXES, DTYPE_NAMES, EARLY_STOP_METRICS, MESH_AXES, MODES,
-                              STAGES)
+from avsiam_jax.vocab import (BATCH_AXES, DTYPE_NAMES, EARLY_STOP_METRICS, FROM_RUN_STAGES,
+                              MESH_AXES, MODES, STAGES)
 from avsiam_jax.weights import signature
 from avsiam_jax.weights.load import FORMATS as WEIGHT_FORMATS
 
@@ -60,7 +60,12 @@ class OptimSpec:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainSpec:
-  mask_ratios: tuple[float, ...]
+  """A contrastive (+ reconstruction) objective: pretraining's, or retrieval finetuning's."""
+  mask_ratios: tuple[float, ...]        # the shared set, as given
+  audio_mask_ratios: tuple[float, ...]  # each modality's ratio groups (the shared set if unset)
+  video_mask_ratios: tuple[float, ...]
+  contrastive_weight: float             # L = w_c L_c + w_rec L_rec; 0 leaves a loss out
+  reconstruction_weight: float
   tau: float
   mae_mask_ratio: float
   mae_stop_gradient: bool
@@ -71,11 +76,21 @@ class PretrainSpec:
   pack_groups: bool  # ratio groups packed into rows: one encoder call per modality
   contrastive: str   # losses.CONTRASTIVE_DIRECTIONS
 
+  def ratios(self, modality: str) -> tuple[float, ...]:
+    """The mask ratios of a modality's groups ("a" or "v")."""
+    return self.audio_mask_ratios if modality == "a" else self.video_mask_ratios
+
+  @property
+  def weights(self) -> dict[str, float]:
+    """{loss name: its weight in the total} (pretraining.LOSSES)."""
+    return {"contrastive": self.contrastive_weight,
+            "reconstruction": self.reconstruction_weight}
+
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneSpec:
   dataset: str
-  init_checkpoint: str  # a pretraining run (workdir or checkpoints/<step>), or ""
+  init_checkpoint: str  # the run finetuning (classification or retrieval) starts from, or ""
   loss: str             # losses.CLASSIFICATION_LOSSES
   head_lr_mult: float
   mm_lr_mult: float
@@ -145,6 +160,7 @@ class RunSpec:
   optim: OptimSpec
   pretrain: PretrainSpec
   finetune: FinetuneSpec
+  retrieval: PretrainSpec  # retrieval finetuning's objective: contrastive only
   mesh: MeshSpec
   data: DataSpec
   eval: EvalSpec
@@ -164,7 +180,13 @@ class RunSpec:
     return DTYPES[self.dtype]
 
   def schedule(self, stage: str) -> Schedule:
-    return self.finetune.schedule if stage == "finetune" else self.pretrain.schedule
+    if stage == "finetune":
+      return self.finetune.schedule
+    return self.objective(stage).schedule
+
+  def objective(self, stage: str) -> PretrainSpec:
+    """The contrastive objective a stage trains: config.pretrain's or config.retrieval's."""
+    return {"pretrain": self.pretrain, "retrieval_finetune": self.retrieval}[stage]
 
   def record(self) -> dict:
     """The config.json of a run: the given config with the fields a stage driver set."""
@@ -248,14 +270,15 @@ def mesh_shape(mesh, num_devices: int) -> tuple[int, int, int]:
 
 
 def _schedule(c, prefix: str, data_shards: int, check: bool) -> Schedule:
-  """Pretraining's schedule (prefix "": config.batch_size, config.epochs, config.optim.lr, ...)
-  or finetuning's (prefix "finetune.": all fields in config.finetune)."""
+  """Pretraining's schedule (prefix "": config.batch_size, config.epochs, config.optim.lr, ...),
+  finetuning's (prefix "finetune.": all fields in config.finetune) or retrieval finetuning's
+  ("retrieval.")."""
   lr_section, lr_prefix = (c, prefix) if prefix else (c.optim, "optim.")
   s = Schedule(lr=float(lr_section.lr), decay_start_epoch=int(lr_section.decay_start_epoch),
                decay_rate=float(lr_section.decay_rate),
                decay_every_epochs=int(lr_section.decay_every_epochs),
                epochs=int(c.epochs), total_steps=c.total_steps, batch_size=int(c.batch_size),
-               epoch_length=float(c.epoch_length) if prefix else 1.0)
+               epoch_length=float(c.epoch_length) if prefix == "finetune." else 1.0)
   if check:
     if s.epoch_length <= 0:
       _fail(f"{prefix}epoch_length", f"must be positive, got {s.epoch_length}")
@@ -270,43 +293,96 @@ def _schedule(c, prefix: str, data_shards: int, check: bool) -> Schedule:
   return s
 
 
+def _ratio_set(values) -> tuple[float, ...]:
+  return tuple(float(r) for r in values or ())
+
+
 def _pretrain(c, data_shards: int, check: bool) -> PretrainSpec:
   p = c.pretrain
-  ratios = tuple(float(r) for r in p.mask_ratios)
-  shards = c.mesh.batch_shards or data_shards
+  shared = _ratio_set(p.mask_ratios)
   spec = PretrainSpec(
-      mask_ratios=ratios, tau=float(p.tau), mae_mask_ratio=float(p.mae_mask_ratio),
+      mask_ratios=shared, audio_mask_ratios=_ratio_set(p.audio_mask_ratios) or shared,
+      video_mask_ratios=_ratio_set(p.video_mask_ratios) or shared,
+      contrastive_weight=float(p.contrastive_weight),
+      reconstruction_weight=float(p.reconstruction_weight),
+      tau=float(p.tau), mae_mask_ratio=float(p.mae_mask_ratio),
       mae_stop_gradient=bool(p.mae_stop_gradient),
       separate_optimizers=bool(p.separate_optimizers), accum_steps=c.accum_steps,
-      batch_shards=int(shards), schedule=_schedule(c, "", data_shards, check),
-      pack_groups=bool(p.pack_groups),
+      batch_shards=int(c.mesh.batch_shards or data_shards),
+      schedule=_schedule(c, "", data_shards, check), pack_groups=bool(p.pack_groups),
       contrastive=str(p.contrastive))
   if not check:
     return spec
+  ratio_fields = {m: f"pretrain.{m}_mask_ratios" if p[f"{m}_mask_ratios"] else
+                  "pretrain.mask_ratios" for m in ("audio", "video")}
+  _check_objective(spec, "pretrain.", "batch_size", ratio_fields)
+  if not 0.0 <= spec.mae_mask_ratio < 1.0:
+    _fail("pretrain.mae_mask_ratio", f"a mask ratio must be in [0, 1), got {spec.mae_mask_ratio}")
+  weights = spec.weights
+  if any(w < 0 for w in weights.values()) or not any(weights.values()):
+    _fail("pretrain.contrastive_weight", f"({spec.contrastive_weight}) and "
+          f"config.pretrain.reconstruction_weight ({spec.reconstruction_weight}) must be >= 0, "
+          "not both 0")
+  if not spec.contrastive_weight and spec.mae_stop_gradient:
+    _fail("pretrain.contrastive_weight", "0 with config.pretrain.mae_stop_gradient=True trains "
+          "no encoder (the reconstruction gradient stops before the multimodal blocks); set "
+          "mae_stop_gradient=False for reconstruction alone")
+  return spec
+
+
+def _retrieval(c, data_shards: int, check: bool) -> PretrainSpec:
+  """Retrieval finetuning's objective: config.retrieval's ratios, temperature and schedule, the
+  contrastive loss alone (its decoder does no work); layout switches as pretraining's."""
+  r, p = c.retrieval, c.pretrain
+  ratios = _ratio_set(r.mask_ratios)
+  spec = PretrainSpec(
+      mask_ratios=ratios, audio_mask_ratios=ratios, video_mask_ratios=ratios,
+      contrastive_weight=1.0, reconstruction_weight=0.0, tau=float(r.tau),
+      mae_mask_ratio=float(p.mae_mask_ratio), mae_stop_gradient=bool(p.mae_stop_gradient),
+      separate_optimizers=False, accum_steps=c.accum_steps,
+      batch_shards=int(c.mesh.batch_shards or data_shards),
+      schedule=_schedule(r, "retrieval.", data_shards, check), pack_groups=bool(p.pack_groups),
+      contrastive=str(r.contrastive))
+  if check:
+    _check_objective(spec, "retrieval.", "retrieval.batch_size",
+                     {"audio": "retrieval.mask_ratios", "video": "retrieval.mask_ratios"})
+  return spec
+
+
+def _check_objective(spec: PretrainSpec, prefix: str, batch_field: str,
+                     ratio_fields: dict[str, str]) -> None:
+  """The checks of a contrastive objective: direction, temperature, each modality's ratio set
+  (config field ratio_fields[modality]) and how its groups split the batch and micro-batches."""
   if spec.contrastive not in losses.CONTRASTIVE_DIRECTIONS:
-    _fail("pretrain.contrastive", f"must be one of {losses.CONTRASTIVE_DIRECTIONS}, got "
+    _fail(f"{prefix}contrastive", f"must be one of {losses.CONTRASTIVE_DIRECTIONS}, got "
           f"{spec.contrastive!r}")
-  if not ratios:
-    _fail("pretrain.mask_ratios", "is empty")
-  for field, values in (("mask_ratios", ratios), ("mae_mask_ratio", (spec.mae_mask_ratio,))):
-    for r in values:
-      if not 0.0 <= r < 1.0:
-        _fail(f"pretrain.{field}", f"a mask ratio must be in [0, 1), got {r}")
   if spec.tau <= 0:
-    _fail("pretrain.tau", f"must be positive, got {spec.tau}")
-  try:
-    masking.check_groups(spec.schedule.batch_size, len(ratios), shards)
-  except ValueError as e:
-    _fail("batch_size", str(e))
-  accum = spec.accum_steps
+    _fail(f"{prefix}tau", f"must be positive, got {spec.tau}")
+  sets = {ratio_fields[m]: spec.ratios(m[0]) for m in ("audio", "video")}
+  for field, ratios in sets.items():
+    if not ratios:
+      _fail(field, "is empty")
+    for r in ratios:
+      if not 0.0 <= r < 1.0:
+        _fail(field, f"a mask ratio must be in [0, 1), got {r}")
+  accum, shards, batch = spec.accum_steps, spec.batch_shards, spec.schedule.batch_size
   if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
     _fail("accum_steps", f"must be a positive integer, got {accum!r}")
-  g = spec.schedule.batch_size // shards // len(ratios)
-  if g % accum:
-    _fail("accum_steps", f"{accum} does not divide the {g} examples of each mask-ratio group "
-          f"on each data shard (batch {spec.schedule.batch_size} / {shards} shards / "
-          f"{len(ratios)} ratios); micro-batches must take equal parts of every group")
-  return spec
+  # Both modalities' groups split every shard; a batch that fits both is a multiple of this.
+  multiple = math.lcm(*(len(r) for r in sets.values())) * shards
+  if batch % shards:
+    _fail(batch_field, f"{batch} is not divisible by its {shards} data shards "
+          "(config.mesh.batch_shards)")
+  for field, ratios in sets.items():
+    if batch // shards % len(ratios):
+      _fail(batch_field, f"per-shard batch {batch // shards} (batch {batch} / {shards} shards) is "
+            f"not divisible by the {len(ratios)} mask-ratio groups of config.{field}; use a "
+            f"batch that is a multiple of {multiple}")
+    g = batch // shards // len(ratios)
+    if g % accum:
+      _fail("accum_steps", f"{accum} does not divide the {g} examples of each mask-ratio group "
+            f"on each data shard (batch {batch} / {shards} shards / {len(ratios)} ratios of "
+            f"config.{field}); micro-batches must take equal parts of every group")
 
 
 def _finetune(c, data_shards: int, check: bool) -> FinetuneSpec:
@@ -340,8 +416,6 @@ def _finetune(c, data_shards: int, check: bool) -> FinetuneSpec:
   if spec.head_lr_mult <= 0 or spec.mm_lr_mult < 0:
     _fail("finetune.head_lr_mult", f"({spec.head_lr_mult}) must be positive and "
           f"config.finetune.mm_lr_mult ({spec.mm_lr_mult}) non-negative")
-  if spec.init_checkpoint and not os.path.exists(spec.init_checkpoint):
-    _fail("finetune.init_checkpoint", f"{spec.init_checkpoint!r} does not exist")
   return spec
 
 
@@ -411,6 +485,10 @@ def parse(config, num_devices: int, process_count: int = 1,
   stages = STAGES[c.mode]
   if c.model_init and not os.path.exists(c.model_init):
     _fail("model_init", f"{c.model_init!r} does not exist")
+  init_checkpoint = c.finetune.init_checkpoint
+  if (set(stages) & set(FROM_RUN_STAGES) and init_checkpoint
+      and not os.path.exists(init_checkpoint)):
+    _fail("finetune.init_checkpoint", f"{init_checkpoint!r} does not exist")
   if c.model_init_format not in WEIGHT_FORMATS:
     _fail("model_init_format", f"must be one of {WEIGHT_FORMATS}, got {c.model_init_format!r}")
   return RunSpec(
@@ -420,6 +498,7 @@ def parse(config, num_devices: int, process_count: int = 1,
                       weight_decay=float(c.optim.weight_decay)),
       pretrain=_pretrain(c, data_shards, "pretrain" in stages),
       finetune=_finetune(c, data_shards, "finetune" in stages),
+      retrieval=_retrieval(c, data_shards, "retrieval_finetune" in stages),
       mesh=mesh, data=_data(c), eval=_eval(c, data_shards), compile_only=_compile_only(c),
       compile_cache_dir=str(c.compile_cache_dir),
       checkpoint_every_steps=int(c.checkpoint_every_steps),

@@ -3,6 +3,8 @@ step (audio-visual, audio-only or visual-only), or per part of the step's batch
 (finetune.modality_shards), as a trainer task."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -113,10 +115,22 @@ def pretrained_avsiam_params(spec: RunSpec, key) -> dict:
                           load.fresh_params(spec.model, key))
 
 
+def check_init_checkpoint(spec: RunSpec) -> None:
+  """ConfigError, before any compute, when config.finetune.init_checkpoint is set and is not a
+  readable run."""
+  if spec.finetune.init_checkpoint:
+    try:
+      checkpoint.load_run(spec.finetune.init_checkpoint)
+    except checkpoint.CheckpointError as e:
+      raise ConfigError(f"config.finetune.init_checkpoint: {e}") from e
+
+
 class FinetuneTask(Task):
   """The classifier for the trainer (train.py): model, optimizer groups, steps, input, logs."""
 
   name = "finetune"
+  title = "Finetuning"
+  about = "the classifier from the pretrained weights, then classification"
   batch_keys = ("audio", "video", "labels")
   uses_labels = True
   random_init_warning = "Finetuning from random weights: set config.finetune.init_checkpoint"
@@ -124,7 +138,13 @@ class FinetuneTask(Task):
   def __init__(self, spec: RunSpec, num_classes: int):
     self.spec, self.num_classes = spec, num_classes
     self.schedule = spec.finetune.schedule
-    self.selection_loss = spec.finetune.loss  # top-1 selects for "ce", mAP for "bce"
+    self.selection_metric = "top1" if spec.finetune.loss == "ce" else "mAP"
+
+  @classmethod
+  def eval_spec(cls, spec: RunSpec, run_config) -> RunSpec:
+    """The run's loss says what its logits mean; finetune.eval_scores stays the command's."""
+    loss = run_config.get("finetune", {}).get("loss", spec.finetune.loss)
+    return dataclasses.replace(spec, finetune=dataclasses.replace(spec.finetune, loss=loss))
 
   def model(self, rngs: nnx.Rngs) -> AVSiamClassifier:
     return AVSiamClassifier(classifier_spec(self.spec, self.num_classes), rngs=rngs,
@@ -158,11 +178,7 @@ class FinetuneTask(Task):
     return f"this step {BRANCHES[int(metrics['branch'])]}"
 
   def check_sources(self) -> None:
-    if self.spec.finetune.init_checkpoint:
-      try:
-        checkpoint.load_run(self.spec.finetune.init_checkpoint)
-      except checkpoint.CheckpointError as e:
-        raise ConfigError(f"config.finetune.init_checkpoint: {e}") from e
+    check_init_checkpoint(self.spec)
 
   def init_source(self) -> str:
     """Where the encoder and multimodal blocks come from ("": random weights)."""

@@ -1,9 +1,10 @@
 """Pretraining: the multi-ratio contrastive loss plus masked reconstruction, as a trainer task.
 
 The objective lives here, not in the model (which embeds, encodes, pools and decodes): the
-masks, the batch layout and both losses. Examples are split into mask-ratio groups inside each of
-`batch_shards` data shards (masking.py), and gradient accumulation takes equal rows of every
-group (accumulation.py).
+masks, the batch layout and both losses, weighted (a loss of weight 0 is not computed). Each
+modality's examples are split into its mask-ratio groups inside each of `batch_shards` data
+shards (masking.py; audio and video may have different sets), and gradient accumulation takes
+equal rows of every group (accumulation.py).
 """
 from __future__ import annotations
 
@@ -27,9 +28,16 @@ LOSSES = ("contrastive", "reconstruction")
 ENCODERS = ("encoder", "audio_encoder")
 
 
+def active_losses(p: PretrainSpec) -> tuple[str, ...]:
+  """The losses of nonzero weight, in LOSSES order: those the step computes."""
+  return tuple(name for name in LOSSES if p.weights[name])
+
+
 def loss_groups(p: PretrainSpec) -> dict[str, tuple[str, ...]]:
-  """{optimizer name: the losses it steps on}: one for both, or one per loss (the release's)."""
-  return {name: (name,) for name in LOSSES} if p.separate_optimizers else {"total": LOSSES}
+  """{optimizer name: the losses it steps on}: one for all, or one per loss (the release's);
+  only losses of nonzero weight."""
+  active = active_losses(p)
+  return {name: (name,) for name in active} if p.separate_optimizers else {"total": active}
 
 
 # ----- contrastive loss ---------------------------------------------------------------------
@@ -108,22 +116,24 @@ def reconstruction_loss(model, audio, video, noise: dict, *, mask_ratio: float,
 # ----- the objective --------------------------------------------------------------------------
 
 def objective(model, batch, key, p: PretrainSpec,
-              names: Sequence[str] = LOSSES) -> accumulation.Objective:
-  """The losses `names` of a batch over p.accum_steps micro-batches, as a function of the
-  params of `model` (whose structure and sizes it takes).
+              names: Sequence[str] | None = None) -> accumulation.Objective:
+  """The losses `names` (default: those of nonzero weight) of a batch over p.accum_steps
+  micro-batches, weighted by p.weights, as a function of the params of `model` (whose
+  structure and sizes it takes).
 
   The masks are drawn for the whole batch; micro-batch m takes rows [m * r / M, (m + 1) * r / M)
   of each shard's r rows of every ratio group (contrastive) or of the batch (reconstruction).
   The contrastive loss compares the whole batch's features; the reconstruction loss, normalized
   by a masked-patch count that is the same for every example, is the mean of the micro-batches'.
   """
-  accum, shards, ratios = p.accum_steps, p.batch_shards, p.mask_ratios
+  names = active_losses(p) if names is None else tuple(names)
+  accum, shards = p.accum_steps, p.batch_shards
   graphdef = nnx.graphdef(model)
   k_a, k_v, k_rec = jax.random.split(key, 3)
   b = batch["audio"].shape[0]
   inputs = {"a": batch["audio"], "v": batch["video"]}
   micro = lambda x, m: masking.micro_rows(x, m, accum, shards)
-  masks = {mod: masking.multi_ratio_masks(k, b, model.num_tokens(mod), ratios, shards)
+  masks = {mod: masking.multi_ratio_masks(k, b, model.num_tokens(mod), p.ratios(mod), shards)
            for mod, k in (("a", k_a), ("v", k_v))}
   noise_rec = reconstruction_noise(model, k_rec, b)
 
@@ -135,7 +145,8 @@ def objective(model, batch, key, p: PretrainSpec,
       groups = embed_groups(model, inputs[mod], mod, masking.micro_groups(perm, m, accum),
                             whole_batch=accum == 1)
       noise_m = [None if z is None else micro(z, m) for z in noise]
-      out[mod] = group_features(model, groups, mod, noise_m, ratios, shards, pack=p.pack_groups)
+      out[mod] = group_features(model, groups, mod, noise_m, p.ratios(mod), shards,
+                                pack=p.pack_groups)
     return out
 
   def contrastive(stacked):
@@ -152,13 +163,18 @@ def objective(model, batch, key, p: PretrainSpec,
   with_c = "contrastive" in names
   return accumulation.Objective(
       accum, features=features if with_c else None, global_losses=contrastive if with_c else None,
-      local_losses=reconstruction if "reconstruction" in names else None)
+      local_losses=reconstruction if "reconstruction" in names else None, weights=p.weights)
 
 
 def losses_and_grads(params, graphdef, batch, key, p: PretrainSpec,
-                     names: Sequence[str] = LOSSES):
-  """((loss, parts), grads) of the losses `names` (see objective)."""
-  return objective(nnx.merge(graphdef, params), batch, key, p, names).value_and_grad(params)
+                     names: Sequence[str] | None = None, keys: Sequence[str] | None = None):
+  """((loss, parts), grads) of the losses `names` (see objective); grads of the top-level
+  params `keys` only (default: all), the others held constant."""
+  obj = objective(nnx.merge(graphdef, params), batch, key, p, names)
+  if keys is None or set(keys) == set(params):
+    return obj.value_and_grad(params)
+  fixed = {k: v for k, v in params.items() if k not in keys}
+  return obj.over(fixed).value_and_grad({k: params[k] for k in keys})
 
 
 def train_step(state, batch, base_key, *, graphdef, groups, schedule, p: PretrainSpec):
@@ -167,11 +183,14 @@ def train_step(state, batch, base_key, *, graphdef, groups, schedule, p: Pretrai
   owned = loss_groups(p)
   for name, group in groups.items():
     # With separate optimizers the reconstruction step sees the contrastive update, as released.
-    (_, parts), grads = losses_and_grads(params, graphdef, batch, key, p, owned[name])
+    # Gradients of the group's parameters only: a loss left out reaches nothing else.
+    (_, parts), grads = losses_and_grads(params, graphdef, batch, key, p, owned[name],
+                                         group.keys)
     params, opt[name] = optim.apply_group(group, grads, opt[name], params)
     metrics.update(parts)
     metrics[f"grad_norm_{name}"] = optax.tree.norm(grads)
-  metrics["loss"] = sum(metrics[k] for k in LOSSES)
+  # Only the losses computed: a loss of weight 0 has no entry (nor a log field).
+  metrics["loss"] = sum(p.weights[k] * metrics[k] for k in active_losses(p))
   metrics["lr"] = schedule(state["step"])
   return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
 
@@ -187,31 +206,37 @@ class PretrainTask(Task):
   """AVSiam pretraining for the trainer (train.py): model, optimizers, steps, input, logs."""
 
   name = "pretrain"
+  title = "Pretraining"
+  about = "contrastive + masked reconstruction, then zero-shot retrieval"
+  stage = "pretrain"  # the stage whose objective and schedule it trains (RunSpec.objective)
   batch_keys = ("audio", "video")
   uses_labels = False
-  selection_loss = None  # retrieval: selection.score needs no loss
+  selection_metric = "mean_r1"  # selection.METRICS
 
   def __init__(self, spec: RunSpec, num_classes: int = 0):
     del num_classes  # unlabelled
     self.spec = spec
-    self.schedule = spec.pretrain.schedule
+    self.objective = spec.objective(self.stage)
+    self.schedule = self.objective.schedule
 
   def model(self, rngs: nnx.Rngs) -> AVSiam:
     return AVSiam(self.spec.model, rngs=rngs, dtype=self.spec.compute_dtype)
 
   def opt_groups(self, param_keys) -> dict[str, tuple[str, ...]]:
     """Per optimizer (loss_groups), the top-level parameters its losses reach: the encoders the
-    contrastive loss, the rest (and the encoders unless mae_stop_gradient) reconstruction."""
+    contrastive loss, the rest (and the encoders unless mae_stop_gradient) reconstruction. A
+    loss of weight 0 reaches nothing: without reconstruction no optimizer holds the decoder."""
+    p = self.objective
     keys = tuple(param_keys)
     rest = tuple(k for k in keys if k not in ENCODERS)
     reach = {"contrastive": tuple(k for k in keys if k in ENCODERS),
-             "reconstruction": rest if self.spec.pretrain.mae_stop_gradient else keys}
+             "reconstruction": rest if p.mae_stop_gradient else keys}
     return {name: tuple(k for k in keys if any(k in reach[loss] for loss in owned))
-            for name, owned in loss_groups(self.spec.pretrain).items()}
+            for name, owned in loss_groups(p).items()}
 
   def train_step(self, state, batch, key, *, graphdef, groups, schedule):
     return train_step(state, batch, key, graphdef=graphdef, groups=groups, schedule=schedule,
-                      p=self.spec.pretrain)
+                      p=self.objective)
 
   def eval_step(self, params, batch, *, graphdef):
     return eval_step(params, batch, graphdef=graphdef, frame=self.spec.eval.frame)
@@ -220,7 +245,7 @@ class PretrainTask(Task):
     return pipeline.make_pretrain_iterator(ds_dir, self.spec.data.train_split, **common)
 
   def log_fields(self, metrics) -> str:
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in LOSSES)
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in LOSSES if k in metrics)
 
   def init_source(self) -> str:
     """Where pretrained weights come from ("": a fresh model)."""

@@ -1,8 +1,9 @@
 """What the trainer asks of a task: train.py's loop and state.py's compiled steps call these and
 nothing else, so a new objective is a new class (and an entry in train.TASKS), not a new loop.
 
-Implemented by pretraining.PretrainTask and finetuning.FinetuneTask, which subclass `Task` to
-declare it (and take its defaults); any class with these members passes as one.
+Implemented by pretraining.PretrainTask, finetuning.FinetuneTask and
+retrieval_finetuning.RetrievalFinetuneTask, which subclass `Task` to declare it (and take its
+defaults); any class with these members passes as one.
 """
 from __future__ import annotations
 
@@ -20,8 +21,17 @@ class Task(Protocol):
   uses_labels: ClassVar[bool]          # trains on the dataset's label names (num_classes)
   spec: RunSpec
   schedule: Schedule                   # this stage's batch size, epochs and learning rate
-  selection_loss: Optional[str]        # selection.score's `loss`: what the eval's scores mean
+  selection_metric: str                # selection.METRICS: what picks the best epoch
   random_init_warning: ClassVar[str] = ""  # logged when training starts from the fresh draw
+  title: ClassVar[str] = ""            # the stage in run()'s logs ("Pretraining")
+  about: ClassVar[str] = ""            # what it trains and evaluates, for those logs
+
+  @classmethod
+  def eval_spec(cls, spec: RunSpec, run_config) -> RunSpec:
+    """The spec that evaluates (mode=eval) a run of this task whose config.json is
+    `run_config`: by default the command's own."""
+    del run_config
+    return spec
 
   def model(self, rngs: nnx.Rngs) -> nnx.Module:
     """A fresh model drawn from `rngs`."""

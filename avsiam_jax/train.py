@@ -3,18 +3,19 @@
   run(config, workdir)          config.mode, checked once into specs (config.py):
     pretrain                    contrastive + reconstruction losses; zero-shot retrieval eval
     finetune                    the classifier on the pretrained encoder; classification eval
+    retrieval_finetune          the pretrained encoder on the contrastive loss; retrieval eval
     eval                        the workdir's selected epoch (WORKDIR/best) or latest checkpoint
     pretrain+finetune           both stages, into WORKDIR/pretrain and WORKDIR/finetune (the demo)
   train(spec, workdir)          one stage; resumes from the workdir's latest checkpoint
   evaluate_run(spec, workdir)   a finished run's checkpoint; builds no optimizer
 
-The loop knows no task by name: a task (task.Task, implemented by pretraining.PretrainTask and
-finetuning.FinetuneTask) gives it its model, optimizer groups, train and eval steps, input
-iterator, log fields, weight sources and selection loss; TASKS maps a stage to its task.
+The loop knows no task by name: a task (task.Task, implemented by pretraining.PretrainTask,
+finetuning.FinetuneTask and retrieval_finetuning.RetrievalFinetuneTask) gives it its model,
+optimizer groups, train and eval steps, input iterator, log fields, weight sources and
+selection metric; TASKS maps a stage to its task, and run and evaluate_run choose through it.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -22,8 +23,8 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from avsiam_jax import (checkpoint, finetuning, pretraining, progress, selection, sharding,
-                        state, utils)
+from avsiam_jax import (checkpoint, finetuning, pretraining, progress, retrieval_finetuning,
+                        selection, sharding, state, utils)
 from avsiam_jax import config as config_lib
 from avsiam_jax.config import ConfigError, RunSpec
 from avsiam_jax.data import demo, records, subsets
@@ -31,13 +32,9 @@ from avsiam_jax.evaluators.evaluator import Evaluator, flat_scalars, summary
 from avsiam_jax.task import Task
 from avsiam_jax.weights import load, provenance
 
-STAGE_TITLES = {
-    "pretrain": "pretraining (contrastive + masked reconstruction), then zero-shot retrieval",
-    "finetune": "finetuning the classifier from the pretrained weights, then classification"}
-
-
 # Stage -> its task: (spec, num_classes) -> Task.
-TASKS = {"pretrain": pretraining.PretrainTask, "finetune": finetuning.FinetuneTask}
+TASKS = {"pretrain": pretraining.PretrainTask, "finetune": finetuning.FinetuneTask,
+         "retrieval_finetune": retrieval_finetuning.RetrievalFinetuneTask}
 
 
 def make_task(spec: RunSpec, stage: str, num_classes: int = 0) -> Task:
@@ -72,19 +69,21 @@ def run(config, workdir: str) -> dict[str, Any]:
   spec = parse_config(config)
   log_model_from_weights(spec)
   use_compile_cache(spec, workdir)
-  if spec.mode == "eval":
+  stages = config_lib.STAGES[spec.mode]
+  if not stages:
     return evaluate_run(spec, workdir)
-  if spec.mode != "pretrain+finetune":
+  if len(stages) == 1:
     return train(spec, workdir)
   results = {}
-  for i, name in enumerate(("pretrain", "finetune")):
-    logging.info("Stage %d of 2: %s", i + 1, STAGE_TITLES[name])
+  for i, name in enumerate(stages):
+    logging.info("Stage %d of %d, %s: %s", i + 1, len(stages), TASKS[name].title.lower(),
+                 TASKS[name].about)
     results[name] = train(spec.stage(name, workdir), os.path.join(workdir, name))
     if results[name].get("preempted"):
       return results[name]
   utils.write_json(os.path.join(workdir, "results.json"), results)
-  logging.info("Pretraining: %s", summary(results["pretrain"]))
-  logging.info("Finetuning: %s", summary(results["finetune"]))
+  for name in stages:
+    logging.info("%s: %s", TASKS[name].title, summary(results[name]))
   return results
 
 
@@ -216,7 +215,7 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
     if best and step % steps_per_epoch == 0:
       epoch_results = evaluator(train_state["params"])
       logger.scalars(step, flat_scalars(epoch_results))
-      metric = selection.score(epoch_results, task.selection_loss)
+      metric = selection.score(epoch_results, task.selection_metric)
       if best.update(step, step // steps_per_epoch, epoch_results, metric, train_state,
                      train_iter.get_state()):
         logging.info("Epoch %d: %s %.4f, the best so far", step // steps_per_epoch, *metric)
@@ -281,25 +280,26 @@ def evaluate_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
   run has one, else the latest) on the configured eval split.
 
   The model comes from the current config, but for the switches its weights were trained with
-  and the classifier's loss (what its scores mean), which come from the run's own config.json.
+  and what the run's task takes from its own config.json (Task.eval_spec: a classifier's loss,
+  what its scores mean); the task is the run's stage (its config.json mode) in TASKS.
   """
   trained, workdir, which = eval_checkpoint(workdir)
   logging.info("mode=eval: checkpoint %s", which)
+  stage = trained.config.get("mode")
+  if stage not in TASKS:
+    raise ConfigError(f"{trained.workdir}/{checkpoint.CONFIG_FILE}: mode {stage!r} is not a "
+                      f"stage this trainer evaluates ({', '.join(TASKS)})")
   spec = provenance.from_run(spec, trained.config, workdir)
   log_model_from_weights(spec)
-  stage = "finetune" if trained.config.get("mode") == "finetune" else "pretrain"
   ds_dir, info = _dataset(spec, workdir, stage)
-  if stage == "finetune":
-    # The run's loss says what its logits mean; finetune.eval_scores stays this command's choice.
-    loss = trained.config.get("finetune", {}).get("loss", spec.finetune.loss)
-    spec = dataclasses.replace(spec, finetune=dataclasses.replace(spec.finetune, loss=loss))
+  spec = TASKS[stage].eval_spec(spec, trained.config)
   task = make_task(spec, stage, len(info.get("label_names", [])))
   mesh = sharding.make_mesh(spec.mesh)
   fns = state.make_eval_fns(task, mesh)
   params = state.shard_host_params(
       jax.device_get(checkpoint.restore_params(trained, fns.abstract_params)), fns.abstract_params)
   results = Evaluator(spec, ds_dir, fns.eval_step, mesh)(
-      params, plot_path=os.path.join(workdir, "embeddings.png"), title=stage)
+      params, plot_path=os.path.join(workdir, "embeddings.png"), title=task.name)
   results = dict(results, step=trained.step, split=spec.data.eval_split,
                  checkpoint={"dir": trained.step_dir, "which": which})
   progress.Logger(workdir, trained.step, 1).scalars(trained.step, flat_scalars(results))

@@ -1,10 +1,13 @@
 """The names configs/*.py and config.py share. Imports nothing, so loading a config file pulls
 in no JAX, Flax or TFDS."""
 
-MODES = ("pretrain", "finetune", "eval", "pretrain+finetune")
+MODES = ("pretrain", "finetune", "retrieval_finetune", "eval", "pretrain+finetune")
 # The stages a mode trains, in order.
-STAGES = {"pretrain": ("pretrain",), "finetune": ("finetune",), "eval": (),
+STAGES = {"pretrain": ("pretrain",), "finetune": ("finetune",),
+          "retrieval_finetune": ("retrieval_finetune",), "eval": (),
           "pretrain+finetune": ("pretrain", "finetune")}
+# The stages that start from a run directory, config.finetune.init_checkpoint, when it is set.
+FROM_RUN_STAGES = ("finetune", "retrieval_finetune")
 # config.model.dtype values (config.DTYPES maps them to JAX types).
 DTYPE_NAMES = ("float32", "bfloat16")
 # What the early-stop counter counts epochs since (selection.py): the best of the selection

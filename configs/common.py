@@ -1,14 +1,17 @@
 """Settings shared by every config; the model-size configs change what differs.
 
 `get_config(variant, arg)` reads the `:arg` of `--config=configs/base.py:mode=finetune,dataset=as20k`
-(keys: mode = pretrain | finetune | eval | pretrain+finetune; dataset = as20k | as2m | vggsound |
-custom) and fills the finetuning schedule of the paper's Tables 9-11.
+(keys: mode = pretrain | finetune | retrieval_finetune | eval | pretrain+finetune; dataset = as20k |
+as2m | vggsound | msrvtt | custom) and fills the finetuning schedule of the paper's Tables 9-11;
+msrvtt (retrieval only) scores every clip of the eval split.
 """
 import ml_collections
 
-from avsiam_jax.vocab import MODES
+from avsiam_jax.vocab import MODES, STAGES
 
-DATASETS = ("as20k", "as2m", "vggsound", "custom")
+DATASETS = ("as20k", "as2m", "vggsound", "msrvtt", "custom")
+# Datasets without a classification recipe (MSR-VTT has no class labels): retrieval only.
+RETRIEVAL_DATASETS = ("msrvtt",)
 
 # Paper Tables 9-11, finetuning: (lr, head multiplier, decay start epoch, decay rate, per-GPU
 # batch, GPUs); the global batch is their product. Decay every epoch, 15 epochs, for all.
@@ -34,6 +37,9 @@ def parse_arg(arg) -> dict[str, str]:
     raise ValueError(f"config arg mode={out['mode']!r}: must be one of {MODES}")
   if out["dataset"] not in DATASETS:
     raise ValueError(f"config arg dataset={out['dataset']!r}: must be one of {DATASETS}")
+  if out["dataset"] in RETRIEVAL_DATASETS and "finetune" in STAGES[out["mode"]]:
+    raise ValueError(f"config arg dataset={out['dataset']}: has no classification recipe; use "
+                     "mode=retrieval_finetune, pretrain or eval")
   return out
 
 
@@ -47,7 +53,7 @@ def get_config(variant: str, arg=None) -> ml_collections.ConfigDict:
   c.mode = args["mode"]
   f = c.finetune
   f.dataset = args["dataset"]
-  if f.dataset != "custom":
+  if f.dataset not in ("custom", *RETRIEVAL_DATASETS):
     f.lr, f.head_lr_mult, f.decay_start_epoch, f.decay_rate, per_gpu, gpus = (
         FINETUNE_TABLE[variant][f.dataset])
     f.batch_size = per_gpu * gpus
@@ -64,6 +70,8 @@ def get_config(variant: str, arg=None) -> ml_collections.ConfigDict:
     # Classification and retrieval over the whole eval split: mode=eval scores a named set
     # (MSR-VTT's test split, a retrieval subset) whole; the caps are pretraining's monitoring.
     c.eval.max_clips = c.eval.retrieval_clips = 0
+  if c.mode == "retrieval_finetune":
+    c.eval.every_epoch = True  # the best epoch's audio->video R@1, as Table 3a reports
   return c
 
 
@@ -110,6 +118,15 @@ def get_common_config() -> ml_collections.ConfigDict:
   # The released ratio set; the paper's text says "0% to 50%":
   # --config.pretrain.mask_ratios="(0.0,0.1,0.2,0.3,0.4,0.5)" (with a batch split into 6 groups).
   c.pretrain.mask_ratios = (0.0, 0.2, 0.4, 0.6, 0.8)
+  # A ratio set per modality (paper Table 4), each splitting the batch into its own groups;
+  # () uses mask_ratios. A fixed ratio is a one-element set, (0.0,) no masking.
+  c.pretrain.audio_mask_ratios = ()
+  c.pretrain.video_mask_ratios = ()
+  # L = contrastive_weight * L_c + reconstruction_weight * L_rec (the release's
+  # contrast_loss_weight and mae_loss_weight); a weight of 0 takes its loss out of the step
+  # (Table 8's L_c alone: reconstruction_weight=0, no decoder work or update). Not both 0.
+  c.pretrain.contrastive_weight = 1.0
+  c.pretrain.reconstruction_weight = 1.0
   c.pretrain.tau = 0.05
   # InfoNCE: "symmetric" (released: the mean of audio->video and video->audio) or
   # "audio_to_video" (the paper's Eq. 1).
@@ -179,6 +196,24 @@ def get_common_config() -> ml_collections.ConfigDict:
   # Evaluation scores: "loss" (sigmoid for bce, softmax for ce) or "sigmoid" for every loss (the
   # release, also for VGGSound's ce), before the 10-frame mean; mAP, AUC and top-1 use them.
   c.finetune.eval_scores = "loss"
+
+  # Retrieval finetuning (mode retrieval_finetune, paper Table 3a): the encoder of the run
+  # config.finetune.init_checkpoint (or model_init) trained on the contrastive loss alone over
+  # the training split (no labels needed), evaluated every epoch (eval.every_epoch) and the
+  # epoch of the best audio->video R@1 kept. Adam's betas and weight decay come from `optim`;
+  # ratio-group layout switches (pack_groups, accum_steps) from pretraining. Our recipe: the
+  # paper and the release give none (docs/reproducing.md).
+  c.retrieval = ml_collections.ConfigDict()
+  c.retrieval.lr = 5e-5
+  c.retrieval.decay_start_epoch = 5
+  c.retrieval.decay_rate = 0.5
+  c.retrieval.decay_every_epochs = 5
+  c.retrieval.epochs = 20
+  c.retrieval.total_steps = ml_collections.config_dict.placeholder(int)
+  c.retrieval.batch_size = 256
+  c.retrieval.mask_ratios = (0.0,)       # no masking: the features retrieval compares
+  c.retrieval.tau = 0.05
+  c.retrieval.contrastive = "symmetric"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0                 # 0: only at the end of training

@@ -38,6 +38,12 @@ def get_config(arg=None):
   f.decay_rate = 0.5
   f.decay_every_epochs = 2
   f.freqm, f.timem = 24, 24  # SpecAugment scaled to the 128-frame, 128-bin demo fbank
+  # Retrieval finetuning (configs/demo.py:mode=retrieval_finetune, from a demo pretraining run
+  # in config.finetune.init_checkpoint): the demo's batch and temperature.
+  r = c.retrieval
+  r.batch_size, r.tau, r.lr, r.epochs = 40, 0.2, 1e-4, 10
+  r.decay_start_epoch, r.decay_every_epochs = 6, 2
+  c.eval.every_epoch = c.mode == "retrieval_finetune"
   c.eval.max_clips = 0
   c.eval.retrieval_clips = 0
   c.eval.batch_size = 40

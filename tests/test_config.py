@@ -72,11 +72,36 @@ def test_stages_of_pretrain_plus_finetune(tmp_path):
                                         r"\('loss', 'sigmoid'\)"),
     ("eval.early_stop_metric", "top1", r"config\.eval\.early_stop_metric: must be one of "
                                        r"\('selection', 'mAP'\)"),
+    ("pretrain.video_mask_ratios", (0.5, 1.0), r"config\.pretrain\.video_mask_ratios: a mask "
+                                               r"ratio must be in \[0, 1\), got 1.0"),
+    ("pretrain.audio_mask_ratios", (0.0, 0.5, 0.75), r"config\.batch_size: per-shard batch 200 "
+     r".* 3 mask-ratio groups of config\.pretrain\.audio_mask_ratios; .* multiple of 120"),
+    ("pretrain.reconstruction_weight", -1.0, r"config\.pretrain\.contrastive_weight: .* must be "
+                                             r">= 0, not both 0"),
+    ("pretrain.contrastive_weight", 0.0, r"config\.pretrain\.contrastive_weight: 0 with "
+                                         r"config\.pretrain\.mae_stop_gradient=True trains no"),
 ])
 def test_each_bad_field_is_named(field, value, message):
   c = base.get_config("mode=pretrain+finetune")  # both stages' checks
   section, _, name = field.rpartition(".")
   setattr(c[section] if section else c, name, value)
+  with pytest.raises(ConfigError, match=message):
+    parse(c, num_devices=8)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("retrieval.tau", 0.0, r"config\.retrieval\.tau: must be positive"),
+    ("retrieval.mask_ratios", (), r"config\.retrieval\.mask_ratios: is empty"),
+    ("retrieval.contrastive", "video", r"config\.retrieval\.contrastive: must be one of"),
+    ("retrieval.decay_every_epochs", 0, r"config\.retrieval\.decay_every_epochs: must be"),
+    ("retrieval.mask_ratios", (0.0, 0.5, 0.75), r"config\.retrieval\.batch_size: per-shard "
+                                                r"batch 32 .* 3 mask-ratio groups"),
+])
+def test_each_bad_retrieval_field_is_named(field, value, message):
+  c = base.get_config("mode=retrieval_finetune")
+  c.pretrain.contrastive_weight = c.pretrain.reconstruction_weight = 0.0  # not this stage's
+  section, _, name = field.rpartition(".")
+  setattr(c[section], name, value)
   with pytest.raises(ConfigError, match=message):
     parse(c, num_devices=8)
 
@@ -151,7 +176,9 @@ def test_config_files_import_no_jax():
 
 
 @pytest.mark.parametrize("section,key", [
-    ("pretrain", "pack_groups"), ("finetune", "epoch_length"), ("eval", "every_epoch"),
+    ("pretrain", "pack_groups"), ("pretrain", "video_mask_ratios"),
+    ("pretrain", "reconstruction_weight"), ("retrieval", "tau"), ("retrieval", "total_steps"),
+    ("finetune", "epoch_length"), ("eval", "every_epoch"),
     ("eval", "early_stop_epochs"), ("data", "demo_train_clips"), ("compile_only", "num_classes"),
     ("mesh", "batch_shards"), ("", "compile_cache_dir")])
 def test_no_second_defaults(section, key):

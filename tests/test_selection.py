@@ -22,7 +22,7 @@ def _run(workdir, rule, patience=2, epochs=EPOCHS):
   best = selection.BestTracker(workdir, patience, rule)
   for epoch, (top1, mAP) in enumerate(epochs, start=1):
     results = _results(top1, mAP)
-    best.update(10 * epoch, epoch, results, selection.score(results, "ce"),
+    best.update(10 * epoch, epoch, results, selection.score(results, "top1"),
                 {"x": np.full(2, epoch, np.float32)}, {"epoch": epoch})
     if best.stop:
       return epoch, best
@@ -58,7 +58,7 @@ def test_a_restart_keeps_counting_from_selection_json(tmp_path):
   again = selection.BestTracker(work, 2, "mAP")
   assert again.epochs_without_gain == 1
   results = _results(*EPOCHS[2])
-  again.update(30, 3, results, selection.score(results, "ce"), {"x": np.zeros(2, np.float32)},
+  again.update(30, 3, results, selection.score(results, "top1"), {"x": np.zeros(2, np.float32)},
                {})
   assert again.stop and again.state["best_epoch"] == 3
   again.close()

@@ -1,4 +1,5 @@
-"""The task interface: both tasks declare it, and train() runs a task it has never heard of."""
+"""The task interface: the three tasks declare it, and train() runs a task it has never heard
+of."""
 import json
 import os
 
@@ -15,13 +16,20 @@ from tests.test_finetune import finetune_config
 from tests.test_train import tiny_config
 
 
-def test_both_tasks_are_tasks(demo_dataset):
+def test_the_tasks_are_tasks(demo_dataset):
   pre = train.make_task(parse(tiny_config(), 1), "pretrain")
   fine = train.make_task(parse(finetune_config(demo_dataset), 1), "finetune", 4)
-  for task in (pre, fine):
+  ret = train.make_task(parse(tiny_config(), 1), "retrieval_finetune")
+  for task in (pre, fine, ret):
     assert isinstance(task, Task), type(task).__name__
-  assert (pre.selection_loss, fine.selection_loss) == (None, "ce")
+    assert task.selection_metric in selection.METRICS
+  assert (pre.selection_metric, fine.selection_metric, ret.selection_metric) == (
+      "mean_r1", "top1", "a2v_r1")
   assert not pre.random_init_warning and "init_checkpoint" in fine.random_init_warning
+  assert "init_checkpoint" in ret.random_init_warning
+  # Each trains its own section's schedule and objective.
+  assert ret.schedule == ret.spec.retrieval.schedule != pre.schedule
+  assert ret.objective.weights == {"contrastive": 1.0, "reconstruction": 0.0}
 
 
 class ToyModel(nnx.Module):
@@ -40,7 +48,7 @@ class ToyTask(pretraining.PretrainTask):
   logs and selection loss) that the loop must run without knowing it."""
 
   name = "toy"
-  selection_loss = "toy-loss"
+  selection_metric = "a2v_r1"  # not pretraining's: the loop must ask the task
   random_init_warning = "toy: from scratch"
 
   def model(self, rngs):
@@ -75,8 +83,8 @@ def test_train_runs_a_new_task_from_the_registry(demo_dataset, tmp_path, monkeyp
   monkeypatch.setitem(train.TASKS, "pretrain", ToyTask)
   scored = []
   score = selection.score
-  monkeypatch.setattr(selection, "score", lambda results, loss: scored.append(loss) or score(
-      results, loss))
+  monkeypatch.setattr(selection, "score", lambda results, metric: scored.append(metric) or score(
+      results, metric))
   config = tiny_config(batch=40)
   config.data.demo, config.data.dir = False, demo_dataset
   config.total_steps, config.eval.every_epoch = None, True
@@ -85,8 +93,8 @@ def test_train_runs_a_new_task_from_the_registry(demo_dataset, tmp_path, monkeyp
   with caplog.at_level("INFO"):
     results = train.train(parse(config, jax.device_count()), workdir)
   assert results["step"] == 2  # 40 clips, batch 40
-  assert scored == ["toy-loss"] * 2
-  assert results["model_selection"]
+  assert scored == ["a2v_r1"] * 2
+  assert results["model_selection"]["metric"] == "retrieval/a2v_r1"
   assert "toy: from scratch" in caplog.text
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["retrieval"]["num_clips"] == 10

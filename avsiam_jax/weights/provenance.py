@@ -20,11 +20,11 @@ RUN_KEYS = signature.keys(signature.ENCODER)
 
 def from_weights(spec: RunSpec) -> RunSpec:
   """`spec` with the model fields of the weights its training starts from: a finetuning run's
-  finetune.init_checkpoint (any run directory: a pretraining run, a converted classifier), else
-  a converted model_init directory."""
+  (classification or retrieval) finetune.init_checkpoint (any run directory: a pretraining run,
+  a converted classifier), else a converted model_init directory."""
   stages = config_lib.STAGES[spec.mode]
   init_checkpoint = spec.finetune.init_checkpoint
-  if stages == ("finetune",) and init_checkpoint:
+  if len(stages) == 1 and stages[0] in config_lib.FROM_RUN_STAGES and init_checkpoint:
     try:
       run_config = checkpoint.run_config(init_checkpoint)
     except checkpoint.CheckpointError as e:
