@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from avsiam_jax import losses, masking
+from avsiam_jax import losses, masking, paths
 from avsiam_jax.data import records
 from avsiam_jax.models import layers
 from avsiam_jax.models.avsiam import AVSiamSpec
@@ -340,7 +340,7 @@ def _finetune(c, data_shards: int, check: bool) -> FinetuneSpec:
   if spec.head_lr_mult <= 0 or spec.mm_lr_mult < 0:
     _fail("finetune.head_lr_mult", f"({spec.head_lr_mult}) must be positive and "
           f"config.finetune.mm_lr_mult ({spec.mm_lr_mult}) non-negative")
-  if spec.init_checkpoint and not os.path.exists(spec.init_checkpoint):
+  if spec.init_checkpoint and not paths.exists(spec.init_checkpoint):
     _fail("finetune.init_checkpoint", f"{spec.init_checkpoint!r} does not exist")
   return spec
 
@@ -409,7 +409,7 @@ def parse(config, num_devices: int, process_count: int = 1,
           "processes, each of which feeds its own slice of the batch (keep the tensor axis "
           "within a host)")
   stages = STAGES[c.mode]
-  if c.model_init and not os.path.exists(c.model_init):
+  if c.model_init and not paths.exists(c.model_init):
     _fail("model_init", f"{c.model_init!r} does not exist")
   if c.model_init_format not in WEIGHT_FORMATS:
     _fail("model_init_format", f"must be one of {WEIGHT_FORMATS}, got {c.model_init_format!r}")

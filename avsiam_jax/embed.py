@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from avsiam_jax import checkpoint, inference, utils
+from avsiam_jax import checkpoint, inference, paths, utils
 from avsiam_jax.data import media
 
 VIDEO_EXTENSIONS = frozenset(
@@ -54,9 +54,14 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="output .npz file")
   parser.add_argument("inputs", nargs="+", metavar="VIDEO_OR_DIR")
   args = parser.parse_args(argv)
-  out_dir = os.path.dirname(os.path.abspath(args.out))
-  if not os.path.isdir(out_dir):  # found before the files are embedded, not after
+  # Found before the files are embedded, not after.
+  out_dir = os.path.dirname(paths.absolute(args.out))
+  if not paths.is_url(out_dir) and not os.path.isdir(out_dir):
     parser.error(f"--out {args.out}: no folder {out_dir}")
+  try:
+    paths.check_writable(out_dir)  # a gs:// --out
+  except OSError as e:
+    parser.error(f"--out {e}")
   embedder = inference.Embedder.load(args.checkpoint)
   paths = find_videos(args.inputs)
   d = embedder.dim
@@ -74,7 +79,8 @@ def main(argv=None) -> int:
     audio.append(np.zeros(d, np.float32) if a is None else a)
     video.append(np.zeros(d, np.float32) if v is None else v)
   n = len(kept)
-  with open(args.out, "wb") as f:  # a file object: np.savez would add ".npz" to the name
+  # A file object: np.savez would add ".npz" to the name. A local file or a gs:// object.
+  with paths.path(args.out).open("wb") as f:
     np.savez(f, paths=np.array(kept, dtype=str),
              audio=np.stack(audio) if n else np.zeros((0, d), np.float32),
              video=np.stack(video) if n else np.zeros((0, d), np.float32),

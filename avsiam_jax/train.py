@@ -22,8 +22,8 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from avsiam_jax import (checkpoint, finetuning, pretraining, progress, selection, sharding,
-                        state, utils)
+from avsiam_jax import (checkpoint, finetuning, paths, pretraining, progress, selection,
+                        sharding, state, utils)
 from avsiam_jax import config as config_lib
 from avsiam_jax.config import ConfigError, RunSpec
 from avsiam_jax.data import demo, records, subsets
@@ -55,7 +55,8 @@ def use_compile_cache(spec: RunSpec, workdir: str, environ=os.environ) -> str | 
   WORKDIR/compile_cache) unless JAX_COMPILATION_CACHE_DIR is set; returns the directory."""
   if environ.get("JAX_COMPILATION_CACHE_DIR") or spec.compile_cache_dir == "none":
     return environ.get("JAX_COMPILATION_CACHE_DIR") or None
-  path = os.path.abspath(spec.compile_cache_dir or os.path.join(workdir, "compile_cache"))
+  # A gs:// directory works too (JAX's cache goes through etils.epath): one cache for all hosts.
+  path = paths.absolute(spec.compile_cache_dir or os.path.join(workdir, "compile_cache"))
   jax.config.update("jax_compilation_cache_dir", path)
   return path
 
@@ -90,8 +91,13 @@ def run(config, workdir: str) -> dict[str, Any]:
 
 def _dataset(spec: RunSpec, workdir: str, stage: str) -> tuple[str, dict]:
   """The dataset directory (the demo's is built here) and its info; fails before any compute."""
+  _check_local_dataset(spec, workdir)
   ds_dir = config_lib.dataset_dir(spec, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
+  try:
+    paths.check_writable(workdir)  # every process: each writes its checkpoint shards
+  except OSError as e:
+    raise ConfigError(f"--workdir {e}") from e
   if spec.data.demo and jax.process_index() == 0:
     demo.ensure_demo_dataset(ds_dir, spec.data.demo_train_clips, spec.data.demo_eval_clips,
                              seed=spec.seed)
@@ -105,6 +111,20 @@ def _dataset(spec: RunSpec, workdir: str, stage: str) -> tuple[str, dict]:
   if stage == "finetune" and not info.get("label_names"):
     raise ConfigError(f"{ds_dir}: the dataset has no label names; finetuning needs labels")
   return ds_dir, info
+
+
+def _check_local_dataset(spec: RunSpec, workdir: str) -> None:
+  """Datasets are read from a local (or mounted) path: TFDS's ArrayRecord reader reads one clip
+  at a time at random offsets, a request per clip against a bucket."""
+  how = ("copy it to each worker's disk (gcloud storage cp -r URL /mnt/disks/data) and pass "
+         "that path")
+  if spec.data.dir and paths.is_url(spec.data.dir):
+    raise ConfigError(f"config.data.dir: {spec.data.dir} is a URL; datasets are read from a "
+                      f"local path: {how}")
+  if spec.data.demo and not spec.data.dir and paths.is_url(workdir):
+    raise ConfigError(f"config.data.dir: the demo builds its dataset in the workdir, which is "
+                      f"the URL {workdir}; datasets are read from a local path: pass "
+                      "--config.data.dir=/local/path (the demo builds it there)")
 
 
 def fresh_state(task: Task, fns: state.TrainFns, key) -> dict:
