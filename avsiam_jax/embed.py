@@ -21,7 +21,8 @@ import sys
 
 import numpy as np
 
-from avsiam_jax import checkpoint, inference, paths, utils
+from avsiam_jax import checkpoint, inference, utils
+from avsiam_jax import paths as run_paths
 from avsiam_jax.data import media
 
 VIDEO_EXTENSIONS = frozenset(
@@ -55,11 +56,11 @@ def main(argv=None) -> int:
   parser.add_argument("inputs", nargs="+", metavar="VIDEO_OR_DIR")
   args = parser.parse_args(argv)
   # Found before the files are embedded, not after.
-  out_dir = os.path.dirname(paths.absolute(args.out))
-  if not paths.is_url(out_dir) and not os.path.isdir(out_dir):
+  out_dir = os.path.dirname(run_paths.absolute(args.out))
+  if not run_paths.is_url(out_dir) and not os.path.isdir(out_dir):
     parser.error(f"--out {args.out}: no folder {out_dir}")
   try:
-    paths.check_writable(out_dir)  # a gs:// --out
+    run_paths.check_writable(out_dir)  # a gs:// --out
   except OSError as e:
     parser.error(f"--out {e}")
   embedder = inference.Embedder.load(args.checkpoint)
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     video.append(np.zeros(d, np.float32) if v is None else v)
   n = len(kept)
   # A file object: np.savez would add ".npz" to the name. A local file or a gs:// object.
-  with paths.path(args.out).open("wb") as f:
+  with run_paths.path(args.out).open("wb") as f:
     np.savez(f, paths=np.array(kept, dtype=str),
              audio=np.stack(audio) if n else np.zeros((0, d), np.float32),
              video=np.stack(video) if n else np.zeros((0, d), np.float32),

@@ -2,10 +2,9 @@
 
 What the trainer and the tools read and write under a run directory (checkpoints, config.json,
 results, TensorBoard events, figures, converted weights, the compilation cache) goes through
-etils.epath, as Orbax's own files do; epath reaches gs:// through gcsfs. Orbax writes the arrays
-through TensorStore's GCS driver, TensorBoard events go through tensorboardX's GCS writer
-(google-cloud-storage). All of them take the machine's default credentials (on a TPU VM, its
-service account).
+etils.epath, as Orbax's own files and JAX's compilation cache do; epath reaches gs:// through
+gcsfs. Orbax writes the arrays through TensorStore's GCS driver. Both take the machine's default
+credentials (on a TPU VM, its service account).
 
 Imports no JAX (the dataset builder's processes import utils, which imports this on use).
 """

@@ -116,15 +116,15 @@ def _dataset(spec: RunSpec, workdir: str, stage: str) -> tuple[str, dict]:
 def _check_local_dataset(spec: RunSpec, workdir: str) -> None:
   """Datasets are read from a local (or mounted) path: TFDS's ArrayRecord reader reads one clip
   at a time at random offsets, a request per clip against a bucket."""
-  how = ("copy it to each worker's disk (gcloud storage cp -r URL /mnt/disks/data) and pass "
-         "that path")
+  where = spec.data.dir or os.path.join(workdir, "demo_dataset")
+  if spec.data.demo and paths.is_url(where):
+    raise ConfigError(f"config.data.dir: the demo builds its dataset in the workdir (or "
+                      f"config.data.dir), here the URL {where}; datasets are read from a local "
+                      "path: pass --config.data.dir=/local/path (the demo builds it there)")
   if spec.data.dir and paths.is_url(spec.data.dir):
     raise ConfigError(f"config.data.dir: {spec.data.dir} is a URL; datasets are read from a "
-                      f"local path: {how}")
-  if spec.data.demo and not spec.data.dir and paths.is_url(workdir):
-    raise ConfigError(f"config.data.dir: the demo builds its dataset in the workdir, which is "
-                      f"the URL {workdir}; datasets are read from a local path: pass "
-                      "--config.data.dir=/local/path (the demo builds it there)")
+                      "local path: copy it to each worker's disk (gcloud storage cp -r URL "
+                      "/mnt/disks/) and pass that path")
 
 
 def fresh_state(task: Task, fns: state.TrainFns, key) -> dict:
@@ -241,6 +241,7 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
       ckpt.save(step, train_state, train_iter.get_state())
     if stopping:
       ckpt.close()
+      logger.close()
       logging.info("Stopped at step %d; rerun the same command to resume", step)
       return {"step": step, "preempted": True}
 
@@ -248,6 +249,7 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
   results = evaluator(train_state["params"], plot_path=os.path.join(workdir, "embeddings.png"),
                       title=task.name)
   logger.scalars(step, flat_scalars(results))
+  logger.close()
   ckpt.close()
   if best:
     # The released protocol reports the best epoch (selected on this same split).
@@ -288,7 +290,9 @@ def evaluate_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
   results = Evaluator(spec, ds_dir, fns.eval_step, mesh)(
       params, plot_path=os.path.join(workdir, "embeddings.png"), title=stage)
   results = dict(results, step=trained.step, split=spec.data.eval_split)
-  progress.Logger(workdir, trained.step, 1).scalars(trained.step, flat_scalars(results))
+  logger = progress.Logger(workdir, trained.step, 1)
+  logger.scalars(trained.step, flat_scalars(results))
+  logger.close()
   utils.write_json(os.path.join(workdir, f"eval_{spec.data.eval_split}.json"), results)
   logging.info("Checkpoint step %d on %s: %s", trained.step, spec.data.eval_split,
                summary(results))
