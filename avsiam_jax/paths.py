@@ -47,10 +47,6 @@ def exists(p) -> bool:
   return path(p).exists() if is_url(p) else os.path.exists(p)
 
 
-def isdir(p) -> bool:
-  return path(p).is_dir() if is_url(p) else os.path.isdir(p)
-
-
 def makedirs(p) -> None:
   """A local directory and its parents; nothing for a URL (object stores have no directories)."""
   if not is_url(p):
