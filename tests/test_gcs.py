@@ -30,7 +30,7 @@ import pytest
 from avsiam_jax import config as config_lib
 from avsiam_jax import embed, finetuning, inference, predict, selection, train, utils
 from avsiam_jax.config import ConfigError
-from avsiam_jax.weights import convert, provenance
+from avsiam_jax.weights import convert, load, provenance
 from tb_events import read_scalars
 from tests import test_preemption as preemption
 from tests import test_release_classifier as release
@@ -188,6 +188,7 @@ def test_results_weights_predictions_and_refusals_in_a_bucket(gcs, demo_dataset,
                        *release.SIZES]) == 0
   assert {"cls/config.json", "cls/label_names.json", "cls/avsiam_init.json",
           "cls/checkpoints/0/commit_success.txt"} <= set(gcs.names("cls/"))
+  assert load.recorded_model_config(cls) == load.recorded_model_config(local)
   capsys.readouterr()
   assert predict.main(["--checkpoint", cls, "--top_k", "3", release.MP4]) == 0
   lines = capsys.readouterr().out.splitlines()
