@@ -21,10 +21,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 class _QuietLibraries(py_logging.Filter):
-  """Keeps the libraries' INFO lines (Orbax's per-save lines, JAX's backend probing) out of the
-  progress log; their warnings still show."""
+  """Keeps the libraries' INFO lines (Orbax's per-save lines, JAX's backend probing, gcsfs's
+  per-file lines) out of the progress log; their warnings still show."""
 
-  LIBRARIES = ("/orbax/", "/jax/", "/jaxlib/", "/grain/", "/flax/")
+  LIBRARIES = ("/orbax/", "/jax/", "/jaxlib/", "/grain/", "/flax/", "/gcsfs/", "/fsspec/")
 
   def filter(self, record):
     return (record.levelno >= py_logging.WARNING

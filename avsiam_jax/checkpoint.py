@@ -17,7 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from avsiam_jax import trees
+from avsiam_jax import paths, trees
 from avsiam_jax.weights import load, signature
 
 CONFIG_FILE, LABELS_FILE = "config.json", "label_names.json"
@@ -37,7 +37,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, every_steps: int, keep: int):
     self.every_steps = every_steps
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.absolute(directory)  # a local path or a gs:// URL
     # Handlers named up front so that a fresh manager can read a step's metadata before
     # restoring anything.
     self.manager = ocp.CheckpointManager(
@@ -108,7 +108,7 @@ def _reader(checkpoints_dir) -> ocp.CheckpointManager:
 def _resolve(checkpoint: str):
   """(workdir, checkpoints dir, step or None) of WORKDIR or WORKDIR/checkpoints/<step>."""
   # Orbax restores only from absolute paths; URLs (gs://...) are left as they are.
-  path = epath.Path(checkpoint if "://" in str(checkpoint) else os.path.abspath(checkpoint))
+  path = paths.path(paths.absolute(checkpoint))
   if (path / CONFIG_FILE).exists():
     return path, path / "checkpoints", None
   if (path.name.isdigit() and path.parent.name == "checkpoints"

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from avsiam_jax import config as config_lib
-from avsiam_jax import masking, sharding, state, train, utils
+from avsiam_jax import masking, paths, sharding, state, train, utils
 from avsiam_jax.config import ConfigError, RunSpec
 from avsiam_jax.weights import provenance
 
@@ -216,6 +216,10 @@ def run(config, workdir: str) -> dict[str, Any]:
   if not stages:
     raise ConfigError("config.compile_only.topology: compiles training stages; use "
                       "mode=pretrain, finetune, retrieval_finetune or pretrain+finetune")
+  try:
+    paths.check_writable(workdir)  # a gs:// workdir: found before the compiles, not after
+  except OSError as e:
+    raise ConfigError(f"--workdir {e}") from e
   logging.info("Compiling for %s: %d chips on %d hosts, no TPU needed", topology, len(devices),
                hosts)
   reports = {}
@@ -223,6 +227,6 @@ def run(config, workdir: str) -> dict[str, Any]:
     reports[stage] = compile_stage(spec, stage, devices)
     logging.info("%s", summary(reports[stage]))
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
   utils.write_json(os.path.join(workdir, "compile_only.json"), reports)
   return reports

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from avsiam_jax import losses
+from avsiam_jax import losses, paths
 from avsiam_jax.data import records
 from avsiam_jax.models import layers
 from avsiam_jax.models.avsiam import AVSiamSpec
@@ -483,11 +483,11 @@ def parse(config, num_devices: int, process_count: int = 1,
           "processes, each of which feeds its own slice of the batch (keep the tensor axis "
           "within a host)")
   stages = STAGES[c.mode]
-  if c.model_init and not os.path.exists(c.model_init):
+  if c.model_init and not paths.exists(c.model_init):
     _fail("model_init", f"{c.model_init!r} does not exist")
   init_checkpoint = c.finetune.init_checkpoint
   if (set(stages) & set(FROM_RUN_STAGES) and init_checkpoint
-      and not os.path.exists(init_checkpoint)):
+      and not paths.exists(init_checkpoint)):
     _fail("finetune.init_checkpoint", f"{init_checkpoint!r} does not exist")
   if c.model_init_format not in WEIGHT_FORMATS:
     _fail("model_init_format", f"must be one of {WEIGHT_FORMATS}, got {c.model_init_format!r}")

@@ -30,6 +30,7 @@ import sys
 import numpy as np
 
 from avsiam_jax import checkpoint, inference, predict, utils
+from avsiam_jax import paths as run_paths
 from avsiam_jax.data import media
 
 VIDEO_EXTENSIONS = frozenset(
@@ -64,9 +65,14 @@ def main(argv=None) -> int:
   parser.add_argument("inputs", nargs="+", metavar="VIDEO_OR_DIR")
   args = parser.parse_args(argv)
   window, hop = predict.window_flags(parser, args)
-  out_dir = os.path.dirname(os.path.abspath(args.out))
-  if not os.path.isdir(out_dir):  # found before the files are embedded, not after
+  # Found before the files are embedded, not after.
+  out_dir = os.path.dirname(run_paths.absolute(args.out))
+  if not run_paths.is_url(out_dir) and not os.path.isdir(out_dir):
     parser.error(f"--out {args.out}: no folder {out_dir}")
+  try:
+    run_paths.check_writable(out_dir)  # a gs:// --out
+  except OSError as e:
+    parser.error(f"--out {e}")
   embedder = inference.Embedder.load(args.checkpoint)
   paths = find_videos(args.inputs)
   d = embedder.dim
@@ -88,7 +94,8 @@ def main(argv=None) -> int:
     return np.stack([zeros if x is None else x for x in vectors]) if vectors else np.zeros(
         (0, d), np.float32)
 
-  with open(args.out, "wb") as f:  # a file object: np.savez would add ".npz" to the name
+  # A file object: np.savez would add ".npz" to the name. A local file or a gs:// object.
+  with run_paths.path(args.out).open("wb") as f:
     np.savez(f, paths=np.array(kept, dtype=str),
              audio=rows([a for a, _ in files]), video=rows([v for _, v in files]),
              has_audio=np.array([a is not None for a, _ in files], bool),

@@ -1,6 +1,7 @@
 """What a training loop reports and listens to: progress lines, TensorBoard, preemption."""
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
@@ -8,6 +9,36 @@ import time
 import jax
 from absl import logging
 from jax.experimental import multihost_utils
+
+from avsiam_jax import paths
+
+
+class _BucketEventFile:
+  """A gs:// TensorBoard event file for tensorboardX, through etils.epath like every run path:
+  one object, uploaded again when a flush has something new, never after close (tensorboardX's
+  own GCS writer uploads on every timed flush, and again when collected at exit)."""
+
+  def __init__(self, path: str):
+    self.path, self.buffer, self.sent, self.closed = path, io.BytesIO(), 0, False
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    if not self.closed and self.buffer.tell() != self.sent:
+      paths.path(self.path).write_bytes(self.buffer.getvalue())
+      self.sent = self.buffer.tell()
+
+  def close(self) -> None:
+    self.flush()
+    self.closed = True
+
+
+class _BucketEventFiles:  # tensorboardX's writer factory for "gs://"
+  open = staticmethod(_BucketEventFile)
+
+  def directory_check(self, path):  # pylint: disable=unused-argument
+    pass  # object stores have no directories
 
 
 class Logger:
@@ -18,7 +49,9 @@ class Logger:
     self.total_steps, self.batch_size, self.fields = total_steps, batch_size, fields
     self.writer = None
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      # pylint: disable=import-outside-toplevel
+      from tensorboardX import SummaryWriter, record_writer
+      record_writer.register_writer_factory("gs", _BucketEventFiles())
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self.t0, self.s0 = time.time(), None
 
@@ -27,6 +60,13 @@ class Logger:
       for k, v in values.items():
         self.writer.add_scalar(k, v, step)
       self.writer.flush()
+
+  def close(self) -> None:
+    """Writes out every queued event (tensorboardX's flush does not wait for its queue); a gs://
+    event file is uploaded here, while the process still can."""
+    if self.writer:
+      self.writer.close()
+      self.writer = None
 
   def progress(self, step: int, metrics: dict[str, float]) -> None:
     now = time.time()

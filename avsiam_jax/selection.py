@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 
-from avsiam_jax import checkpoint
+from avsiam_jax import checkpoint, paths, utils
 from avsiam_jax.config import EARLY_STOP_METRICS
 
 
@@ -62,9 +61,8 @@ class BestTracker:
     self.state = {"best_step": None, "best_epoch": None, "metric": None, "best_score": None,
                   "best_results": None, "epochs_since_best": 0, "best_mAP": None,
                   "epochs_since_best_mAP": 0}
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        stored = json.load(f)
+    if paths.exists(self.path):
+      stored = json.loads(paths.path(self.path).read_text())
       if "best_mAP" not in stored:
         # Written before the mAP counter: the best epoch's mAP and its count are what is known.
         stored.update(best_mAP=av_map(stored.get("best_results")),
@@ -84,8 +82,9 @@ class BestTracker:
       self.ckpt.manager.wait_until_finished()
       if jax.process_index() == 0:
         for f in (checkpoint.CONFIG_FILE, checkpoint.LABELS_FILE):
-          if os.path.exists(os.path.join(self.workdir, f)):
-            shutil.copy(os.path.join(self.workdir, f), os.path.join(self.dir, f))
+          src = paths.path(self.workdir) / f
+          if src.exists():
+            src.copy(paths.path(self.dir) / f, overwrite=True)
       self.state.update(best_step=step, best_epoch=epoch, metric=name, best_score=value,
                         best_results=results, epochs_since_best=0)
     else:
@@ -96,9 +95,7 @@ class BestTracker:
         self.state.update(best_mAP=m, epochs_since_best_mAP=0)
       else:
         self.state["epochs_since_best_mAP"] += 1
-    if jax.process_index() == 0:
-      with open(self.path, "w") as f:
-        json.dump(self.state, f, indent=1)
+    utils.write_json(self.path, self.state)  # process 0
     return improved
 
   @property

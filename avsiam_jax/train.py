@@ -23,8 +23,8 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from avsiam_jax import (checkpoint, finetuning, pretraining, progress, retrieval_finetuning,
-                        selection, sharding, state, utils)
+from avsiam_jax import (checkpoint, finetuning, paths, pretraining, progress,
+                        retrieval_finetuning, selection, sharding, state, utils)
 from avsiam_jax import config as config_lib
 from avsiam_jax.config import ConfigError, RunSpec
 from avsiam_jax.data import demo, records, subsets
@@ -52,7 +52,8 @@ def use_compile_cache(spec: RunSpec, workdir: str, environ=os.environ) -> str | 
   WORKDIR/compile_cache) unless JAX_COMPILATION_CACHE_DIR is set; returns the directory."""
   if environ.get("JAX_COMPILATION_CACHE_DIR") or spec.compile_cache_dir == "none":
     return environ.get("JAX_COMPILATION_CACHE_DIR") or None
-  path = os.path.abspath(spec.compile_cache_dir or os.path.join(workdir, "compile_cache"))
+  # A gs:// directory works too (JAX's cache goes through etils.epath): one cache for all hosts.
+  path = paths.absolute(spec.compile_cache_dir or os.path.join(workdir, "compile_cache"))
   jax.config.update("jax_compilation_cache_dir", path)
   return path
 
@@ -89,8 +90,13 @@ def run(config, workdir: str) -> dict[str, Any]:
 
 def _dataset(spec: RunSpec, workdir: str, stage: str) -> tuple[str, dict]:
   """The dataset directory (the demo's is built here) and its info; fails before any compute."""
+  _check_local_dataset(spec, workdir)
   ds_dir = config_lib.dataset_dir(spec, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
+  try:
+    paths.check_writable(workdir)  # every process: each writes its checkpoint shards
+  except OSError as e:
+    raise ConfigError(f"--workdir {e}") from e
   if spec.data.demo and jax.process_index() == 0:
     demo.ensure_demo_dataset(ds_dir, spec.data.demo_train_clips, spec.data.demo_eval_clips,
                              seed=spec.seed)
@@ -112,6 +118,20 @@ def _dataset(spec: RunSpec, workdir: str, stage: str) -> tuple[str, dict]:
                       "label_names), so it cannot train or evaluate a classifier; pretraining "
                       "and zero-shot retrieval (mode=eval of a pretraining run) work on it")
   return ds_dir, info
+
+
+def _check_local_dataset(spec: RunSpec, workdir: str) -> None:
+  """Datasets are read from a local (or mounted) path: TFDS's ArrayRecord reader reads one clip
+  at a time at random offsets, a request per clip against a bucket."""
+  where = spec.data.dir or os.path.join(workdir, "demo_dataset")
+  if spec.data.demo and paths.is_url(where):
+    raise ConfigError(f"config.data.dir: the demo builds its dataset in the workdir (or "
+                      f"config.data.dir), here the URL {where}; datasets are read from a local "
+                      "path: pass --config.data.dir=/local/path (the demo builds it there)")
+  if spec.data.dir and paths.is_url(spec.data.dir):
+    raise ConfigError(f"config.data.dir: {spec.data.dir} is a URL; datasets are read from a "
+                      "local path: copy it to each worker's disk (gcloud storage cp -r URL "
+                      "/mnt/disks/) and pass that path")
 
 
 def fresh_state(task: Task, fns: state.TrainFns, key) -> dict:
@@ -228,6 +248,7 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
       ckpt.save(step, train_state, train_iter.get_state())
     if stopping:
       ckpt.close()
+      logger.close()
       logging.info("Stopped at step %d; rerun the same command to resume", step)
       return {"step": step, "preempted": True}
 
@@ -235,6 +256,7 @@ def train(spec: RunSpec, workdir: str) -> dict[str, Any]:
   results = evaluator(train_state["params"], plot_path=os.path.join(workdir, "embeddings.png"),
                       title=task.name)
   logger.scalars(step, flat_scalars(results))
+  logger.close()
   ckpt.close()
   if best:
     # The released protocol reports the best epoch (selected on this same split).
@@ -302,7 +324,9 @@ def evaluate_run(spec: RunSpec, workdir: str) -> dict[str, Any]:
       params, plot_path=os.path.join(workdir, "embeddings.png"), title=task.name)
   results = dict(results, step=trained.step, split=spec.data.eval_split,
                  checkpoint={"dir": trained.step_dir, "which": which})
-  progress.Logger(workdir, trained.step, 1).scalars(trained.step, flat_scalars(results))
+  logger = progress.Logger(workdir, trained.step, 1)
+  logger.scalars(trained.step, flat_scalars(results))
+  logger.close()
   utils.write_json(os.path.join(workdir, f"eval_{spec.data.eval_split}.json"), results)
   logging.info("Checkpoint step %d on %s: %s", trained.step, spec.data.eval_split,
                summary(results))

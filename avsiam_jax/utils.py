@@ -21,12 +21,17 @@ def write_json(path: str, obj, *, every_process: bool = False) -> None:
 
   `every_process`: every caller writes, and JAX is not imported (data_prep: its processes are
   not JAX processes and each writes files of its own). The file appears whole or not at all: a
-  private temp file (several hosts may write one path at once), then a rename.
+  private temp file (several hosts may write one path at once), then a rename; a gs:// URL is
+  one object upload, which GCS makes visible whole or not at all.
   """
   if not every_process:
     import jax  # pylint: disable=import-outside-toplevel
     if jax.process_index() != 0:
       return
+  if "://" in path:
+    from avsiam_jax import paths  # pylint: disable=import-outside-toplevel
+    paths.path(path).write_text(json.dumps(obj, indent=1))
+    return
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
                              prefix=os.path.basename(path) + ".", suffix=".tmp")
   try:

@@ -47,6 +47,7 @@ XLA_FLAGS = (f"--xla_force_host_platform_device_count={DEVICES} "
 if XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()
 
+from avsiam_jax import paths, utils  # noqa: E402  # no JAX at import
 from benchmarks.report import command, write_section  # noqa: E402
 
 # "T" (the demo's tiny ViT at full input size, batch 5) only checks the tool quickly.
@@ -265,8 +266,7 @@ def main():
   from configs import common  # pylint: disable=g-import-not-at-top
   groups = len(common.get_common_config().pretrain.mask_ratios)
   if args.render:
-    with open(args.render) as f:
-      saved = json.load(f)
+    saved = json.loads(paths.path(args.render).read_text())  # a local file or a gs:// URL
     return finish(saved["rows"], saved["argv"], args.no_write, groups, saved["minutes"],
                   saved["load"])
   unique = []
@@ -285,8 +285,8 @@ def main():
     rows += [row] if row else []
     minutes = (time.perf_counter() - t0) / 60
     if args.save:  # after every case, so a long run keeps what it has
-      with open(args.save, "w") as f:
-        json.dump({"rows": rows, "minutes": minutes, "load": load, "argv": sys.argv}, f, indent=1)
+      utils.write_json(args.save, {"rows": rows, "minutes": minutes, "load": load,
+                                   "argv": sys.argv}, every_process=True)
   finish(rows, sys.argv, args.no_write, groups, minutes, load)
   if failed:
     sys.exit(f"FAIL: {failed} of {len(unique)} cases gave no result")

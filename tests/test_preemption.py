@@ -41,7 +41,7 @@ def config_for(data_dir, total_steps):
   return c
 
 
-def launch(workdir, data_dir, total_steps, log):
+def launch(workdir, data_dir, total_steps, log, env=None):
   """main.py in a subprocess; its output goes to a file (a full pipe would block it)."""
   flags = [f"--config.{k}={v}" for k, v in
            dict(OVERRIDES, **{"data.dir": data_dir, "total_steps": total_steps}).items()]
@@ -49,7 +49,7 @@ def launch(workdir, data_dir, total_steps, log):
     return subprocess.Popen(
         [sys.executable, "main.py", "--config=configs/demo.py:mode=pretrain",
          f"--workdir={workdir}", *flags],
-        cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
 def output(log):

@@ -16,6 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 from sklearn.manifold import TSNE
 from threadpoolctl import threadpool_limits
 
+from avsiam_jax import paths
+
 _MIN_ITERATIONS = 250  # scikit-learn's lower bound on max_iter
 
 
@@ -213,5 +215,6 @@ def plot_embeddings(audio_NxD, video_NxD, labels_N, label_names, path, *, max_cl
     draw.rectangle((lx + 3, ly + 3, lx + 13, ly + 13), fill=colour)
     draw.text((lx + 22, ly), _fit(draw, name, font, text_w), fill=black, font=font)
     ly += 20
-  image.save(path, format="PNG")
+  with paths.path(path).open("wb") as f:  # a local file or a gs:// object
+    image.save(f, format="PNG")
   return path

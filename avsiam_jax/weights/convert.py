@@ -23,12 +23,11 @@ import csv
 import dataclasses
 import io
 import os
-import shutil
 import sys
 
 import numpy as np
 
-from avsiam_jax import trees, utils
+from avsiam_jax import paths, trees, utils
 from avsiam_jax.data import records
 from avsiam_jax.models.avsiam import AVSiamSpec
 from avsiam_jax.models.vit import EncoderSpec, encoder_spec
@@ -49,12 +48,16 @@ def _str_keys(tree: dict) -> dict:
 
 
 def _empty_out(out: str, overwrite: bool) -> str:
-  out = os.path.abspath(out)
-  if os.path.exists(out) and os.listdir(out):
+  """The absolute output directory (or gs:// URL), empty; FileExistsError if it is not and
+  not `overwrite`, OSError naming a bucket that cannot be written."""
+  out = paths.absolute(out)
+  p = paths.path(out)
+  if p.is_dir() and any(p.iterdir()):
     if not overwrite:
       raise FileExistsError(f"{out!r} exists and is not empty (pass overwrite=True / --overwrite)")
-    shutil.rmtree(out)
-  os.makedirs(out, exist_ok=True)
+    p.rmtree()
+  paths.makedirs(out)
+  paths.check_writable(out)
   return out
 
 
@@ -268,7 +271,7 @@ def main(argv=None) -> int:
     meta = convert(a.src, a.format, a.out, spec=spec, variant=a.variant, seed=a.seed,
                    allow_lossy_audio_patch=a.allow_lossy_audio_patch, overwrite=a.overwrite,
                    drop_heads=a.drop_heads)
-  out = os.path.abspath(a.out)
+  out = paths.absolute(a.out)
   print(f"wrote {out}: {meta['num_params']:,} parameters from {a.format} {a.src}")
   for n in meta["notes"]:
     print(f"  note: {n}")
@@ -288,4 +291,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
   # A bad source file or output directory in one line; main() itself raises them for callers.
-  sys.exit(utils.cli_errors(WeightError, FileNotFoundError, FileExistsError)(main)())
+  sys.exit(utils.cli_errors(WeightError, OSError)(main)())

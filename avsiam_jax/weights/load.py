@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from avsiam_jax import trees
+from avsiam_jax import paths, trees
 from avsiam_jax.models.avsiam import AVSiam, AVSiamSpec
 from avsiam_jax.weights import avsiam_release, place, signature, vit_sources
 from avsiam_jax.weights.common import SpecMismatch, WeightError, read_tensors
@@ -59,12 +59,11 @@ def convert_source(path: str, fmt: str, spec: AVSiamSpec, params: dict, *,
 
 
 def read_meta(directory: str) -> dict:
-  meta_path = os.path.join(directory, META_FILE)
-  if not os.path.isfile(meta_path):
+  meta_path = os.path.join(directory, META_FILE)  # a local path or a gs:// URL
+  if not paths.path(meta_path).is_file():
     raise WeightError(f"{directory!r} is not a converted checkpoint: no {META_FILE}")
   try:
-    with open(meta_path) as f:
-      return json.load(f)
+    return json.loads(paths.path(meta_path).read_text())
   except (OSError, ValueError) as e:
     raise WeightError(f"{meta_path}: cannot be read: {e}") from e
 
@@ -118,7 +117,7 @@ def read_converted(directory: str) -> dict[str, np.ndarray]:
   """{path string: array} of a converted checkpoint's params."""
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   with ocp.StandardCheckpointer() as ckpt:
-    tree = ckpt.restore(os.path.join(os.path.abspath(directory), PARAMS_DIR))
+    tree = ckpt.restore(os.path.join(paths.absolute(directory), PARAMS_DIR))
   return {p: np.asarray(v) for p, v in trees.flatten(tree).items()}
 
 
