@@ -25,7 +25,7 @@ def _main(tmp_path, *flags):
      ["config.model.varaint: no such key; did you mean variant?"]),
     (["--config=configs/demo.py:mode=pretrian"],
      ["--config=configs/demo.py:mode=pretrian: ", "'pretrian'",
-      "'pretrain', 'finetune', 'eval', 'pretrain+finetune'"]),
+      "'pretrain', 'finetune', 'retrieval_finetune', 'eval', 'pretrain+finetune'"]),
     (["--config=configs/demo.py", "--config.batch_size=ten"], ["--config.batch_size=ten: "]),
     (["--config=configs/nope.py"], ["--config: ", "configs/nope.py"]),
     # Not a flag error: config.parse's ConfigError, raised before any compute.

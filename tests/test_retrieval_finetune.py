@@ -48,8 +48,10 @@ def test_retrieval_finetuning_raises_r1_and_keeps_the_best_epoch(tmp_path, demo_
   assert sel["metric"] == "retrieval/a2v_r1"
   r = results["retrieval"]
   assert r["a2v_r1"] == pytest.approx(sel["best_score"]) and r["num_clips"] == 40
-  # 7.5 -> 17.5 (3 -> 7 clips of 40) here; V->A 0 -> 12.5.
-  assert r["a2v_r1"] >= start["a2v_r1"] + 7.5 and r["v2a_r1"] > start["v2a_r1"], (start, r)
+  # Measured: A->V R@1 7.5 -> 17.5 (3 -> 7 of 40 clips), V->A 0 -> 12.5, A->V median rank
+  # 14.5 -> 4.5; each check below leaves a margin of several clips.
+  assert r["a2v_r1"] > start["a2v_r1"] and r["v2a_r1"] > start["v2a_r1"], (start, r)
+  assert r["a2v_median_rank"] < start["a2v_median_rank"] - 4, (start, r)
   assert r["a2v_r1"] >= results["last_step"]["retrieval"]["a2v_r1"]
   with open(os.path.join(work, checkpoint.CONFIG_FILE)) as f:
     assert json.load(f)["mode"] == "retrieval_finetune"
