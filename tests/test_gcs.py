@@ -192,7 +192,9 @@ def test_results_weights_predictions_and_refusals_in_a_bucket(gcs, demo_dataset,
   capsys.readouterr()
   assert predict.main(["--checkpoint", cls, "--top_k", "3", release.MP4]) == 0
   lines = capsys.readouterr().out.splitlines()
-  assert lines[0] == f"{release.MP4}: audio-visual" and len(lines) == 4
+  # 60 s: the whole file's top 3, then each of its 6 windows' (a span line and 3 classes).
+  assert lines[0] == f"{release.MP4}: audio-visual; 6 windows of 10 s every 10 s, the whole file:"
+  assert len(lines) == 4 + 6 * 4
   from_bucket = inference.Predictor.load(cls).predict(release.MP4)
   from_disk = inference.Predictor.load(local).predict(release.MP4)
   np.testing.assert_array_equal(from_bucket.probs, from_disk.probs)

@@ -90,7 +90,8 @@ def test_train_runs_a_new_task_from_the_registry(demo_dataset, tmp_path, monkeyp
   config.total_steps, config.eval.every_epoch = None, True
   config.epochs, config.log_every_steps = 2, 1
   workdir = str(tmp_path / "toy")
-  with caplog.at_level("INFO"):
+  # absl's logger: an earlier test in this process may have set its level above INFO.
+  with caplog.at_level("INFO", logger="absl"):
     results = train.train(parse(config, jax.device_count()), workdir)
   assert results["step"] == 2  # 40 clips, batch 40
   assert scored == ["a2v_r1"] * 2
