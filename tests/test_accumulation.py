@@ -9,7 +9,6 @@ import dataclasses
 from avsiam_jax import masking, pretraining, sharding
 from avsiam_jax.config import ConfigError, parse
 from conftest import build
-from test_sharding import compile_fast
 from test_train import fixed_batch, tiny_config
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -25,7 +24,7 @@ def _losses_and_grads(config, params, graphdef, batch, batch_shards):
   spec = dataclasses.replace(parse(config, 1).pretrain, batch_shards=batch_shards)
   run = jax.jit(lambda p, b: pretraining.losses_and_grads(p, graphdef, b, jax.random.key(1),
                                                           spec))
-  return jax.device_get(compile_fast(run, params, batch)(params, batch))
+  return jax.device_get(run(params, batch))
 
 
 def test_micro_rows_partition_every_shard_and_group():
@@ -95,8 +94,7 @@ def test_sharded_train_step_matches_the_full_batch():
     batch = sharding.global_batch(fixed_batch(40), mesh)
     state = fns.init(jax.random.key(0))
     old = jax.device_get(state["params"])
-    new, metrics = compile_fast(fns.step, state, batch, jax.random.key(1))(
-        state, batch, jax.random.key(1))
+    new, metrics = fns.step(state, batch, jax.random.key(1))
     results[accum] = jax.device_get((new["params"], metrics))
   (p1, m1), (p4, m4) = results[1], results[4]
   assert set(m4) == set(m1)

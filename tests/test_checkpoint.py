@@ -7,7 +7,6 @@ import pytest
 
 from avsiam_jax import checkpoint, sharding
 from conftest import build
-from tests.test_sharding import compile_fast
 from tests.test_train import fixed_batch, tiny_config
 
 
@@ -76,7 +75,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
 
   # A step from the restored state equals one from the saved values placed on this mesh.
   batch = sharding.global_batch(fixed_batch(40), mesh4)
-  step = compile_fast(fns4.step, restored, batch, jax.random.key(1))  # the trainer's step
+  step = fns4.step.lower(restored, batch, jax.random.key(1)).compile()  # the trainer's step
   got, m_got = step(restored, batch, jax.random.key(1))
   want, m_want = step(place(host, fns4.abstract_state), batch, jax.random.key(1))
   assert int(got["step"]) == 4 and np.isfinite(float(m_got["loss"]))

@@ -14,7 +14,6 @@ from avsiam_jax.models.avsiam import AVSiam
 from tests.conftest import build
 from tests.test_losses import _np_contrastive
 from tests.test_model import random_params
-from tests.test_sharding import compile_fast
 from tests.test_train import fixed_batch, tiny_config
 
 
@@ -110,7 +109,7 @@ def test_contrastive_direction_reaches_both_loss_paths(accum):
                                               p.pack_groups)
              for name, mod, k in zip(("audio", "video"), "av", jax.random.split(key, 3))]
     return got, feats
-  got, feats = compile_fast(jax.jit(run), params, batch)(params, batch)
+  got, feats = jax.jit(run)(params, batch)
   feats = [np.asarray(f, np.float64) for f in feats]
   for direction, loss in got.items():
     want = _np_contrastive(*feats, p.tau, direction)
@@ -217,7 +216,7 @@ def test_without_reconstruction_the_decoder_does_no_work_and_stays():
   before = jax.device_get(state["params"])
   assert task.opt_groups(list(before)) == {"total": ("encoder",)}
   assert set(state["opt"]["total"][1].mu) == {"encoder"}
-  step = compile_fast(fns.step, state, batch, jax.random.key(1))
+  step = fns.step.lower(state, batch, jax.random.key(1)).compile()
   assert utils.cost_of(step)["flops"] < 0.8 * flops[1.0]
   new, metrics = step(state, batch, jax.random.key(1))
   after = jax.device_get(new["params"])
@@ -251,7 +250,7 @@ def test_loss_weights_scale_the_loss_and_gradient():
            pretraining.LOSSES}
     return ref, {m: pretraining.losses_and_grads(q, graphdef, b, key, w)
                  for m, w in weighted.items()}
-  ref, got = jax.device_get(compile_fast(jax.jit(run), params, batch)(params, batch))
+  ref, got = jax.device_get(jax.jit(run)(params, batch))
   (c, _), g_c = ref["contrastive"]
   (r, _), g_r = ref["reconstruction"]
   tol = dict(rtol=1e-5, atol=1e-6)

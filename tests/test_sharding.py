@@ -17,21 +17,6 @@ from tests.test_train import fixed_batch, tiny_config
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 BATCH = 40  # 5 ratio groups x 8 shards
 STEP_KEY = jax.random.key(2)
-# CPU code generation options that more than halve the compile time here; every mesh, the
-# reference too, compiles the same way, and the partitioned program is unchanged.
-FAST_CPU_CODEGEN = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def compile_fast(jitted, *args):
-  lowered = jitted.lower(*args)
-  try:
-    return lowered.compile(compiler_options=FAST_CPU_CODEGEN)
-  except jax.errors.JaxRuntimeError as e:  # an XLA without these options: compile as usual
-    if "No such compile option" not in str(e):
-      raise
-    return lowered.compile()
-
-
 def make_config(shape):
   config = tiny_config(batch=BATCH)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
@@ -57,7 +42,7 @@ def run_step(shape, state0=None):
   state = fns.init(jax.random.key(0)) if state0 is None else place(state0, fns.abstract_state)
   state0 = jax.device_get(state)
   batch = sharding.global_batch(fixed_batch(BATCH), mesh)
-  step = compile_fast(fns.step, state, batch, STEP_KEY)
+  step = fns.step.lower(state, batch, STEP_KEY).compile()
   new_state, metrics = step(state, batch, STEP_KEY)
   shardings = jax.tree.map(lambda a: a.sharding, new_state)
   return {"spec": spec, "mesh": mesh, "fns": fns, "state0": state0,
@@ -119,7 +104,7 @@ def test_step_gradient_is_the_pretraining_loss_gradient(reference):
                out_shardings=(sharding.replicated(mesh), param_sh))
   params = place(reference["state0"]["params"], fns.abstract_state["params"])
   batch = sharding.global_batch(fixed_batch(BATCH), mesh)
-  loss, grads = jax.device_get(compile_fast(fn, params, batch)(params, batch))
+  loss, grads = jax.device_get(fn(params, batch))
   np.testing.assert_allclose(loss, reference["metrics"]["loss"], rtol=1e-6)
   for (path, g), (_, want) in zip(leaves(adam_gradient(reference)), leaves(grads)):
     np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6 * np.abs(want).max() + 1e-12,
