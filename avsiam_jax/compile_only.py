@@ -131,8 +131,9 @@ def refused_temp_gib(message: str) -> float | None:
   return float(need.group(1)) * 1024.0 ** ("KMGT".index(need.group(2)) - 2)
 
 
-def compile_stage(spec: RunSpec, stage: str, devices: list) -> dict[str, Any]:
-  """Lowers and compiles `stage`'s train step on a mesh of `devices`; the report as a dict."""
+def compile_stage(spec: RunSpec, stage: str, devices: list, on_compiled=None) -> dict[str, Any]:
+  """Lowers and compiles `stage`'s train step on a mesh of `devices`; the report as a dict.
+  on_compiled: called with the compiled step (benchmarks/step_profile.py reads its HLO)."""
   num_classes = spec.compile_only.num_classes if stage == "finetune" else 0
   task = train.make_task(spec, stage, num_classes)
   mesh = sharding.make_mesh(spec.mesh, devices)
@@ -159,6 +160,8 @@ def compile_stage(spec: RunSpec, stage: str, devices: list) -> dict[str, Any]:
     return {**case, "lower_s": t1 - t0, "compile_s": time.perf_counter() - t1,
             "temp_gib": need_gib, "fits": False, "error": str(e).splitlines()[0][:300]}
   t2 = time.perf_counter()
+  if on_compiled is not None:
+    on_compiled(compiled)
   mem, cost = compiled.memory_analysis(), utils.cost_of(compiled)
   used = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
           + mem.temp_size_in_bytes) / GiB

@@ -6,7 +6,9 @@ Each case (CONFIG/TOPOLOGY/DTYPE[/dots|full][/scan][/grouped]; grouped: one enco
 mask-ratio group instead of the groups packed into rows) runs `main.py` with
 --config.compile_only.topology=TOPOLOGY in a process of its own (libtpu: requirements-tpu.txt)
 at the paper's per-chip batch, data parallel, and reads its WORKDIR/compile_only.json. A case that does not finish within
---timeout seconds is reported as such. The table goes to docs/benchmarks.md ("TPU plan").
+--timeout seconds is reported as such. A scanned case brings its unrolled twin (the case
+without /scan): XLA's cost model counts a loop body once, so the twin's step time stands for
+the scanned program's (which also stacks the blocks' weights, a copy the twin does not make). The table goes to docs/benchmarks.md ("TPU plan").
 """
 from __future__ import annotations
 
@@ -64,7 +66,14 @@ def run_case(case: str, timeout: int) -> dict:
   return dict(report, case=case, wall_s=time.perf_counter() - t0)
 
 
-def row(r: dict) -> str:
+def twin(case: str) -> str:
+  """The unrolled program of a scanned case: the same step, every block in the HLO."""
+  return case.replace("/scan", "")
+
+
+def row(r: dict, done: dict[str, dict] | None = None) -> str:
+  """done: finished cases by case; a scanned case's step time comes from its unrolled twin's
+  cost model there (XLA's cost analysis counts a loop body once)."""
   if "error" in r and "temp_gib" in r:  # refused by the TPU compiler: does not fit
     took = ("-" if r["compile_s"] < 0 else  # not recorded
             f"{r['lower_s']:.0f} + {r['compile_s']:.0f}")
@@ -78,6 +87,9 @@ def row(r: dict) -> str:
            f"{r['samples_per_s_per_chip']:.1f}")
   if r.get("scan", "/scan" in r["case"]):  # XLA counts a scanned loop body once
     tflop, ratio, speed = f"({tflop})", f"({ratio})", f"({speed})"
+    unrolled = (done or {}).get(twin(r["case"]), {})
+    if unrolled.get("samples_per_s_per_chip"):
+      speed += f" ~{unrolled['samples_per_s_per_chip']:.1f} (unrolled)"
   coll = ", ".join(f"{v} {k}" for k, v in sorted(r["collectives"].items()))
   fits = "yes" if r["fits"] else "NO"
   return (f"| {r['case']} | {r['batch_per_chip']:g} | {r['lower_s']:.0f} + {r['compile_s']:.0f} "
@@ -134,7 +146,14 @@ def main():
   if args.include:
     with open(args.include) as f:
       results = [ast.literal_eval(line) for line in f if line.startswith("{")]
-  for case in filter(None, args.cases.split(",")):
+  cases = list(filter(None, args.cases.split(",")))
+  # Every scanned case's unrolled twin too, for the step time the scanned program's cost
+  # analysis cannot give.
+  cases += [twin(c) for c in cases if "/scan" in c and twin(c) not in cases]
+  have = {r["case"] for r in results}
+  for case in cases:
+    if case in have:
+      continue
     results.append(run_case(case, args.timeout))
     print(results[-1], flush=True)  # one line per case, for --include
   lines = [f"`{command()}`", "",
@@ -144,13 +163,15 @@ def main():
            "temporaries; used = those + outputs - aliased, against the chip's HBM). FLOPs: "
            "XLA's per chip per step, and its ratio to the analytic matmul count. Samples/s: "
            "the TPU cost model's estimate per chip ('-' where it gives none). In brackets "
-           "(scan cases): XLA counts a scanned loop body once, so those undercount the step. "
+           "(scan cases): XLA counts a scanned loop body once, so those undercount the step; "
+           "their step time is the cost model's for the unrolled twin (the same case without "
+           "scan, compiled in the same run: '~N (unrolled)'), whose HLO holds every block. "
            "Compile times are on a shared 2-core machine and vary with its load.", "",
            "| case | batch/chip | lower + compile s | GiB args + temp | used / HBM (fits) | "
            "TFLOP/chip/step | XLA / analytic | collectives | samples/s/chip |",
            "|---|---|---|---|---|---|---|---|---|"]
   done = {r["case"]: r for r in results if "error" not in r}
-  lines += [row(r) for r in results] + [""] + packing_lines(done) + compile_lines(done)
+  lines += [row(r, done) for r in results] + [""] + packing_lines(done) + compile_lines(done)
   write_section("TPU plan", "\n".join(lines) + "\n")
 
 

@@ -49,6 +49,7 @@ def constrain(x, axes: tuple):
 
 # Block boundaries: examples over the batch axes, the rest whole on each device.
 TOKENS = ("batch", "tokens", "act_embed")
+ROWS = ("batch", "act_embed")  # the same, batch and tokens flattened (batch-major)
 
 
 def mean_pool(x_BxNxD):
@@ -207,7 +208,8 @@ class Mlp(nnx.Module):
 
   def __call__(self, x):
     # Exact (erf) GELU, as the pretrained ViTs were trained with.
-    h = constrain(self.fc1(x), ("batch", "tokens", "mlp"))
+    # x: token rows (R, D) inside the blocks, or (B, N, D).
+    h = constrain(self.fc1(x), ("batch", "mlp") if x.ndim == 2 else ("batch", "tokens", "mlp"))
     return self.fc2(jax.nn.gelu(h, approximate=False))
 
 
@@ -255,23 +257,34 @@ class Block(nnx.Module):
     self.mlp = Mlp(dim, mlp, rngs=rngs, dtype=dtype)
     self.remat = remat_policy(remat)
 
-  def forward(self, x, stream: str, segments=None):
-    x = constrain(x + self.attn(self.norm1[stream](x), segments), TOKENS)
-    return constrain(x + self.mlp(self.norm2[stream](x)), TOKENS)
+  def forward(self, x_RxD, batch: int, stream: str, segments=None):
+    """The block over token rows (batch * tokens, D): the residual stream, norms and MLP
+    stay 2-D from block to block (on a CPU, XLA fuses the backward pass's residual sums
+    better than with a reshape at every matmul: benchmarks/step_profile.py); attention sees
+    (batch, tokens, D)."""
+    d = x_RxD.shape[-1]
+    y = self.attn(self.norm1[stream](x_RxD).reshape(batch, -1, d), segments)
+    x_RxD = constrain(x_RxD + y.reshape(-1, d), ROWS)
+    return constrain(x_RxD + self.mlp(self.norm2[stream](x_RxD)), ROWS)
 
-  def __call__(self, x, stream: str, segments=None):
+  def rows(self, x_RxD, batch: int, stream: str, segments=None):
+    """forward under the block's remat policy."""
     if self.remat == "none":
-      return self.forward(x, stream, segments)
+      return self.forward(x_RxD, batch, stream, segments)
     # A pure function of (weights, input) so jax.checkpoint sees every weight as an input and
     # saves nothing but them and x; the block only reads its weights, so nothing is written back.
     graphdef, state = nnx.split(self)
 
     def run(state, x):
-      return nnx.merge(graphdef, state).forward(x, stream, segments)
-    return checkpointed(run, self.remat)(state, x)
+      return nnx.merge(graphdef, state).forward(x, batch, stream, segments)
+    return checkpointed(run, self.remat)(state, x_RxD)
+
+  def __call__(self, x_BxNxD, stream: str, segments=None):
+    b, n, d = x_BxNxD.shape
+    return self.rows(x_BxNxD.reshape(b * n, d), b, stream, segments).reshape(b, n, d)
 
 
-def run_blocks(blocks, x, stream: str, *, scan: bool = False, segments=None):
+def run_blocks(blocks, x_BxNxD, stream: str, *, scan: bool = False, segments=None):
   """x through `blocks` in order: unrolled, or as one jax.lax.scan over their stacked weights.
 
   The scan compiles one block body instead of len(blocks): the parameters keep their per-block
@@ -279,13 +292,15 @@ def run_blocks(blocks, x, stream: str, *, scan: bool = False, segments=None):
   costs a copy of the blocks' weights per call. Numerically the same computation.
   segments: None or packed rows' packing.Segments; attention stays within each segment.
   """
+  b, n, d = x_BxNxD.shape
+  x = constrain(x_BxNxD.reshape(b * n, d), ROWS)
   if not scan or len(blocks) < 2:
     for block in blocks:
-      x = block(x, stream, segments)
-    return x
+      x = block.rows(x, b, stream, segments)
+    return x.reshape(b, n, d)
   graphdef, _ = nnx.split(blocks[0])
   stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *(nnx.split(b)[1] for b in blocks))
 
   def body(x, state):
-    return nnx.merge(graphdef, state).forward(x, stream, segments), None
-  return jax.lax.scan(checkpointed(body, blocks[0].remat), x, stacked)[0]
+    return nnx.merge(graphdef, state).forward(x, b, stream, segments), None
+  return jax.lax.scan(checkpointed(body, blocks[0].remat), x, stacked)[0].reshape(b, n, d)
