@@ -160,19 +160,34 @@ def part_of(module: Module, ins: Instr) -> str:
   return votes.most_common(1)[0][0] if votes else (own or "other")
 
 
+def _dims(module: Module, name: str) -> list[int]:
+  ins = module.instr.get(name)
+  shape = _SHAPE.findall(ins.shape) if ins else []
+  return [int(d) for d in shape[0][1].split(",") if d] if shape else []
+
+
 def dot_flops(module: Module, ins: Instr) -> float:
+  """2 x output elements x the contracted size, of a dot or a 1x1 convolution (TPU programs
+  express matmuls as convolutions: the contracted size is the kernel's but its output
+  features); NaN for a convolution with a window (a TPU program's batched matmuls: their
+  batch dimensions become windows, dilated and padded, not read here)."""
   out = _SHAPE.findall(ins.shape)
   if not out or ins.op not in ("dot", "convolution"):
     return 0.0
   n_out = math.prod(int(d) for d in out[0][1].split(",") if d)
   operands = re.findall(r"%([\w.\-]+)", ins.rest.split(")", 1)[0])
-  lhs = module.instr.get(operands[0]) if operands else None
-  lhs_shape = _SHAPE.findall(lhs.shape) if lhs else []
-  if ins.op == "convolution" or not lhs_shape:
-    return 2.0 * n_out  # not reached by these models' programs; counted, not guessed
-  dims = [int(d) for d in lhs_shape[0][1].split(",") if d]
+  if ins.op == "convolution":
+    window = re.search(r"window=\{size=([\dx]+)", ins.rest)
+    if window and any(int(w) != 1 for w in window.group(1).split("x")):
+      return float("nan")
+    labels = re.search(r"dim_labels=\w+_(\w+)->", ins.rest)
+    kernel = _dims(module, operands[1]) if len(operands) > 1 else []
+    if not labels or len(labels.group(1)) != len(kernel):
+      raise ValueError(f"convolution {ins.name}: kernel layout not understood")
+    return 2.0 * n_out * math.prod(n for n, l in zip(kernel, labels.group(1)) if l != "o")
+  lhs = _dims(module, operands[0]) if operands else []
   contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", ins.rest)
-  k = math.prod(dims[int(c)] for c in contract.group(1).split(",") if c) if contract else 1
+  k = math.prod(lhs[int(c)] for c in contract.group(1).split(",") if c) if contract else 1
   return 2.0 * n_out * k
 
 

@@ -14,8 +14,8 @@ step's compiled memory. The table goes to docs/benchmarks.md (section "Pretrain 
 
 Exits non-zero unless Base's encoder FLOPs per sample with multi-ratio masking are at most
 0.65 x those without masking (ideal ~0.60: the mean kept fraction of (0, .2, .4, .6, .8)), or
-unless Base's step at batch 10 with masking takes under 40 s (float32, 2 CPU cores); reports
-whether the Base step reaches 75 % of the matmul rate (benchmarks/step_profile.py: where the
+unless Base's step with masking runs at 50 % or more of the matmul rate; reports whether it
+reaches 75 % (benchmarks/step_profile.py: where the
 rest goes).
 """
 from __future__ import annotations
@@ -40,7 +40,9 @@ from configs import base, demo
 MATMUL_N = 4096  # the matmul that measures this machine's rate
 TARGET = 0.65
 MATMUL_SHARE = 0.75  # the goal for the Base step's GFLOP/s against the matmul rate
-STEP_TARGET_S = 40.0  # Base, batch 10, multi-ratio masking, float32, on 2 CPU cores
+# The Base step's GFLOP/s against the matmul rate measured in the same run: a floor enforced
+# (a machine twice as fast or as loaded moves both), and the goal reported.
+SHARE_FLOOR = 0.50
 MiB = 2 ** 20
 
 
@@ -224,23 +226,22 @@ def main():
                  f"{masked['compile_s'] / grouped['compile_s']:.2f}x, temporaries "
                  f"{masked['temp_mib'] / grouped['temp_mib']:.2f}x.  ")
   checked = "Base" if "Base" in ratios else None
-  step_s = None
+  share = None
   if checked:
     lines.append(f"\nTarget: Base encoder ratio <= {TARGET} (ideal ~0.60): "
                  f"{'met' if ratios[checked] <= TARGET else 'NOT MET'}.  ")
     base = next(r for r in rows if r["config"] == "Base")
-    if base["batch"] == 10:
-      step_s = base["batch"] / base["samples_per_s"]
-      lines.append(f"Target: Base step at batch 10 (multi-ratio masking) < {STEP_TARGET_S:g} s: "
-                   f"{'met' if step_s < STEP_TARGET_S else 'NOT MET'} ({step_s:.1f} s).  ")
-      share = base["gflops"] / rate
-      lines.append(f"Goal (reported, not enforced): the Base step at >= {MATMUL_SHARE:.0%} of the "
+    share = base["gflops"] / rate
+    lines.append(f"Target: Base step (multi-ratio masking) at >= {SHARE_FLOOR:.0%} of the "
+                 f"matmul rate: {'met' if share >= SHARE_FLOOR else 'NOT MET'} ({share:.0%}, "
+                 f"{base['batch'] / base['samples_per_s']:.1f} s at batch {base['batch']}).  ")
+    lines.append(f"Goal (reported, not enforced): the Base step at >= {MATMUL_SHARE:.0%} of the "
                    f"matmul rate: {'met' if share >= MATMUL_SHARE else 'not met'} ({share:.0%}).")
   write_section("Pretrain step", "\n".join(lines) + "\n")
   if checked and ratios[checked] > TARGET:
     sys.exit(f"FAIL: Base encoder FLOPs ratio {ratios[checked]:.3f} > target {TARGET}")
-  if step_s is not None and step_s >= STEP_TARGET_S:
-    sys.exit(f"FAIL: Base step {step_s:.1f} s >= target {STEP_TARGET_S:g} s")
+  if share is not None and share < SHARE_FLOOR:
+    sys.exit(f"FAIL: Base step at {share:.0%} of the matmul rate < {SHARE_FLOOR:.0%}")
 
 
 if __name__ == "__main__":
