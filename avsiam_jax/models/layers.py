@@ -299,7 +299,7 @@ def run_blocks(blocks, x_BxNxD, stream: str, *, scan: bool = False, segments=Non
       x = block.rows(x, b, stream, segments)
     return x.reshape(b, n, d)
   graphdef, _ = nnx.split(blocks[0])
-  stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *(nnx.split(b)[1] for b in blocks))
+  stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *(nnx.split(blk)[1] for blk in blocks))
 
   def body(x, state):
     return nnx.merge(graphdef, state).forward(x, b, stream, segments), None
