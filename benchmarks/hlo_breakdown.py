@@ -196,9 +196,14 @@ def _trip_count(ins: Instr) -> int:
   return int(m.group(1)) if m else 1
 
 
-def static_costs(text: str) -> dict[str, dict[str, float]]:
+def as_module(program: "Module | str") -> Module:
+  """A program's Module, parsed from its HLO text unless it is one already."""
+  return program if isinstance(program, Module) else Module(program)
+
+
+def static_costs(program: "Module | str") -> dict[str, dict[str, float]]:
   """{part: {"flops", "bytes"}} of one run of the program's entry computation."""
-  module = Module(text)
+  module = as_module(program)
   out = collections.defaultdict(lambda: {"flops": 0.0, "bytes": 0.0})
 
   def visit(comp: str, times: int):
@@ -224,11 +229,13 @@ def static_costs(text: str) -> dict[str, dict[str, float]]:
   return dict(out)
 
 
-def trace_times(trace_dir: str, text: str) -> tuple[dict[str, float], dict[int, float]]:
+def trace_times(trace_dir: str, program: "Module | str"
+                ) -> tuple[dict[str, float], dict[int, float]]:
   """({part: busy thread-seconds}, {busy threads: seconds}) of the XLA CPU thunk events in the
-  newest jax.profiler trace under trace_dir, for the program `text`."""
+  newest jax.profiler trace under trace_dir, for `program` (its Module or HLO text)."""
   import jax  # only here: the static costs need no JAX
-  module = Module(text)
+  module = as_module(program)
+  part = {}  # per instruction: a step runs each many times
   path = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1]
   data = jax.profiler.ProfileData.from_file(path)
   parts, spans = collections.Counter(), []
@@ -239,7 +246,9 @@ def trace_times(trace_dir: str, text: str) -> tuple[dict[str, float], dict[int, 
       events = [(e.start_ns, e.end_ns, e.name) for e in line.events
                 if e.name in module.instr and module.instr[e.name].op != "while"]
       for s, e, name in events:
-        parts[part_of(module, module.instr[name])] += (e - s) / 1e9
+        if name not in part:
+          part[name] = part_of(module, module.instr[name])
+        parts[part[name]] += (e - s) / 1e9
       spans.append(events)
   edges = sorted((t, d) for events in spans for s, e, _ in events for t, d in ((s, 1), (e, -1)))
   busy, level, last = collections.Counter(), 0, edges[0][0] if edges else 0

@@ -30,10 +30,9 @@ import jax  # noqa: E402
 from avsiam_jax import compile_only, sharding  # noqa: E402
 from avsiam_jax.config import parse  # noqa: E402
 from benchmarks import hlo_breakdown, pretrain_step  # noqa: E402
+from benchmarks.tpu_plan import PER_CHIP_BATCH  # noqa: E402
 from benchmarks.report import command, write_section  # noqa: E402
 from configs import base  # noqa: E402
-
-PER_CHIP_BATCH = 95  # the paper's Base pretraining batch per device, a multiple of 5 groups
 
 
 def cpu_profile(name: str, batch: int, steps: int) -> tuple[list[str], dict]:
@@ -43,9 +42,9 @@ def cpu_profile(name: str, batch: int, steps: int) -> tuple[list[str], dict]:
   key = jax.random.key(0)
   before = pretrain_step.matmul_gflops()
   spec, fns, compiled = pretrain_step.compiled_step(config, mesh, data, key)
-  text = compiled.as_text()
+  module = hlo_breakdown.Module(compiled.as_text())
   flops = pretrain_step.flops(compiled)  # whole step; the chunked attention's loop counted once
-  static = hlo_breakdown.static_costs(text)
+  static = hlo_breakdown.static_costs(module)
   step_flops = sum(v["flops"] for v in static.values())  # loop bodies times their trip counts
   state = fns.init(jax.random.key(1))
   state, _ = jax.block_until_ready(compiled(state, data, key))
@@ -60,7 +59,7 @@ def cpu_profile(name: str, batch: int, steps: int) -> tuple[list[str], dict]:
     state, _ = jax.block_until_ready(compiled(state, data, key))
     traced_s = time.perf_counter() - t0
     jax.profiler.stop_trace()
-    parts, busy = hlo_breakdown.trace_times(trace, text)
+    parts, busy = hlo_breakdown.trace_times(trace, module)
   rate = max(before, pretrain_step.matmul_gflops())  # before and after: the less disturbed
   step_s = min(times)
   achieved = step_flops / step_s / 1e9
@@ -91,7 +90,7 @@ def tpu_profile(topology: str, scan: bool, remat: str) -> list[str]:
   config.compile_only.topology = topology
   config.model.dtype = "bfloat16"
   config.model.scan, config.model.remat = scan, remat
-  config.batch_size = PER_CHIP_BATCH * len(devices)
+  config.batch_size = PER_CHIP_BATCH["B"] * len(devices)
   spec = parse(config, len(devices), len({d.process_index for d in devices}), platform="tpu")
   kept = {}
   report = compile_only.compile_stage(spec, "pretrain", devices,
@@ -100,7 +99,7 @@ def tpu_profile(topology: str, scan: bool, remat: str) -> list[str]:
   flops = report["flops_per_chip"]  # XLA's count (a scanned body once)
   moved = sum(v["bytes"] for v in static.values())
   speed = report.get("samples_per_s_per_chip")
-  lines = [f"TPU {topology} (compiled here, libtpu), Base, bfloat16, {PER_CHIP_BATCH} clips per "
+  lines = [f"TPU {topology} (compiled here, libtpu), Base, bfloat16, {PER_CHIP_BATCH['B']} clips per "
            f"chip, scan {scan}, remat {remat}: {moved / 1e9:.0f} GB moved per chip per step "
            f"(its HLO, loops times their trip counts), {flops / 1e12:.2f} TFLOP by XLA's cost "
            "analysis (a loop body once); per part, TFLOP where the HLO's matmuls can be read "

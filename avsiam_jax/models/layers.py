@@ -206,10 +206,10 @@ class Mlp(nnx.Module):
     self.fc1 = Dense(dim, hidden, axes=("embed", "mlp"), rngs=rngs, dtype=dtype)
     self.fc2 = Dense(hidden, dim, axes=("mlp", "embed"), rngs=rngs, dtype=dtype)
 
-  def __call__(self, x):
+  def __call__(self, x_RxD):
+    """Token rows (R, D), as the blocks hold them."""
     # Exact (erf) GELU, as the pretrained ViTs were trained with.
-    # x: token rows (R, D) inside the blocks, or (B, N, D).
-    h = constrain(self.fc1(x), ("batch", "mlp") if x.ndim == 2 else ("batch", "tokens", "mlp"))
+    h = constrain(self.fc1(x_RxD), ("batch", "mlp"))
     return self.fc2(jax.nn.gelu(h, approximate=False))
 
 
