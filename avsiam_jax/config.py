@@ -225,14 +225,14 @@ def model_spec(model, platform: str | None = None, num_devices: int = 1) -> AVSi
   tied = {f: m[row.key] if row.legacy is None else m.get(row.key, row.legacy)
           for f, row in signature.FIELDS.items() if row.key != "variant"}
   try:
-    attention = layers.resolve_attention(m.get("attention", "auto"),
-                                         platform or jax.default_backend(),
+    platform = platform or jax.default_backend()
+    attention = layers.resolve_attention(m.get("attention", "auto"), platform,
                                          DTYPES.get(m.get("dtype", "float32"), jnp.float32),
                                          num_devices)
     enc = encoder_spec(
         m["variant"], **{f: v for f, v in tied.items() if f in _ENCODER_SPEC_FIELDS},
         remat=layers.remat_policy(m["remat"]), scan=bool(m.get("scan", False)),
-        attention=attention)
+        attention=attention, grad_boundaries=platform == "cpu")
     _ = enc.video_grid, enc.audio_grid  # sizes that do not split into patches fail here
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from None

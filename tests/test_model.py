@@ -296,6 +296,22 @@ def test_remat_same_loss_and_gradients(unrolled):
   assert "rematted_computation" in hlo1 and "rematted_computation" not in hlo0
 
 
+def test_grad_boundaries_same_loss_and_gradients(unrolled):
+  """CPU's materialized residual gradients (layers.grad_boundary): the same loss and gradients,
+  and the compiled backward pass really holds the loops."""
+  config = _pretrain_config(mae_stop_gradient=False)
+  loss0, grads0, _, hlo0 = unrolled
+  loss1, grads1, _, hlo1 = _loss_and_grads(
+      AVSiam(_small_spec(grad_boundaries=True), rngs=nnx.Rngs(0)), config, _batch())
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-6, atol=1e-6)
+  for (path, g0), (_, g1) in zip(jax.tree_util.tree_leaves_with_path(grads0),
+                                 jax.tree_util.tree_leaves_with_path(grads1)):
+    np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-6 * max(1.0, np.abs(g0).max()),
+                               err_msg=jax.tree_util.keystr(path))
+  spec = _small_spec()
+  assert hlo1.count(" while(") - hlo0.count(" while(") >= spec.encoder.depth
+
+
 def _primitives(jaxpr) -> set[str]:
   from jax.extend import core  # pylint: disable=g-import-not-at-top
   names = {eqn.primitive.name for eqn in jaxpr.eqns}

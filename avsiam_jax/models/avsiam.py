@@ -104,7 +104,8 @@ class AVSiam(nnx.Module):
     restore orders (B, N) (masking.keep_by_noise): mask tokens fill the dropped positions."""
     restore = {"a": restore_a, "v": restore_v}
     x = jnp.concatenate([kept_a, kept_v], axis=1)
-    x = layers.run_blocks(self.mm_blocks, x, "x", scan=self.spec.encoder.scan)
+    x = layers.run_blocks(self.mm_blocks, x, "x", scan=self.spec.encoder.scan,
+                          grad_boundaries=self.spec.encoder.grad_boundaries)
     x = self.decoder_embed(self.mm_norm(x) if self.spec.mm_norm else x)
 
     parts, split = [], kept_a.shape[1]
@@ -117,7 +118,8 @@ class AVSiam(nnx.Module):
       pos = self.decoder_posemb[m][...] + self.modality_token[m][...]
       parts.append(full + pos.astype(x.dtype))
     y = jnp.concatenate(parts, axis=1)
-    y = layers.run_blocks(self.decoder_blocks, y, "x", scan=self.spec.encoder.scan)
+    y = layers.run_blocks(self.decoder_blocks, y, "x", scan=self.spec.encoder.scan,
+                          grad_boundaries=self.spec.encoder.grad_boundaries)
     y = self.decoder_norm(y)
 
     preds, offset = {}, 0

@@ -66,7 +66,8 @@ class AVSiamClassifier(nnx.Module):
   def fuse(self, a_BxNaxD, v_BxNvxD):
     """Audio and video tokens through the multimodal blocks -> [mean audio, mean video] (B, 2D)."""
     x = jnp.concatenate([a_BxNaxD, v_BxNvxD], axis=1)
-    x = layers.run_blocks(self.mm_blocks, x, "x", scan=self.encoder.spec.scan)
+    x = layers.run_blocks(self.mm_blocks, x, "x", scan=self.encoder.spec.scan,
+                          grad_boundaries=self.encoder.spec.grad_boundaries)
     n = a_BxNaxD.shape[1]
     return jnp.concatenate([_head_mean(x[:, :n]), _head_mean(x[:, n:])], axis=-1)
 

@@ -284,19 +284,42 @@ class Block(nnx.Module):
     return self.rows(x_BxNxD.reshape(b * n, d), b, stream, segments).reshape(b, n, d)
 
 
-def run_blocks(blocks, x_BxNxD, stream: str, *, scan: bool = False, segments=None):
+@jax.custom_vjp
+def grad_boundary(x):
+  """x; in the backward pass its gradient goes through a loop of one trip whose count XLA
+  cannot read, so it is materialized there once. XLA's CPU fusion otherwise recomputes the
+  residual stream's gradient sum of all later blocks inside every consumer (O(depth^2) work:
+  benchmarks/step_profile.py, "norms"). The gradient is unchanged (multiplied by exactly 1)."""
+  return x
+
+
+def _grad_boundary_fwd(x):
+  return x, None
+
+
+def _grad_boundary_bwd(_, g):
+  one = jnp.maximum((g.reshape(-1)[0] != 0).astype(jnp.int32), 1)  # always 1, read at run time
+  return (jax.lax.fori_loop(0, one, lambda i, c: c * one.astype(c.dtype), g),)
+
+
+grad_boundary.defvjp(_grad_boundary_fwd, _grad_boundary_bwd)
+
+
+def run_blocks(blocks, x_BxNxD, stream: str, *, scan: bool = False, segments=None,
+               grad_boundaries: bool = False):
   """x through `blocks` in order: unrolled, or as one jax.lax.scan over their stacked weights.
 
   The scan compiles one block body instead of len(blocks): the parameters keep their per-block
   layout (checkpoints and converters are unchanged) and are stacked inside the step, which
   costs a copy of the blocks' weights per call. Numerically the same computation.
   segments: None or packed rows' packing.Segments; attention stays within each segment.
+  grad_boundaries: unrolled, each block's input passes grad_boundary (CPU: see there).
   """
   b, n, d = x_BxNxD.shape
   x = constrain(x_BxNxD.reshape(b * n, d), ROWS)
   if not scan or len(blocks) < 2:
     for block in blocks:
-      x = block.rows(x, b, stream, segments)
+      x = block.rows(grad_boundary(x) if grad_boundaries else x, b, stream, segments)
     return x.reshape(b, n, d)
   graphdef, _ = nnx.split(blocks[0])
   stacked = jax.tree.map(lambda *ws: jnp.stack(ws), *(nnx.split(blk)[1] for blk in blocks))

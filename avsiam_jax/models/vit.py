@@ -54,6 +54,9 @@ class EncoderSpec:
   scan: bool = False
   # Attention implementation of every block (layers.ATTENTION; config "auto" resolves it).
   attention: str = "dense"
+  # Materialize the residual stream's gradient at every unrolled block (layers.grad_boundary):
+  # config resolves it for CPU backends, where XLA's fusion would recompute it.
+  grad_boundaries: bool = False
 
   @property
   def video_grid(self) -> tuple[int, int]:
@@ -189,7 +192,8 @@ class Encoder(nnx.Module):
   def encode_tokens(self, x_BxNxD, modality: str, segments=None):
     """Blocks and final norm over (possibly masked, possibly packed) embedded tokens."""
     s = self.spec.stream(modality)
-    x_BxNxD = layers.run_blocks(self.blocks, x_BxNxD, s, scan=self.spec.scan, segments=segments)
+    x_BxNxD = layers.run_blocks(self.blocks, x_BxNxD, s, scan=self.spec.scan, segments=segments,
+                                  grad_boundaries=self.spec.grad_boundaries)
     return self.norm[s](x_BxNxD)
 
   def __call__(self, x, modality: str):
