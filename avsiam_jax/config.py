@@ -216,12 +216,12 @@ def _fail(field: str, message: str):
 
 def model_spec(model, platform: str | None = None, num_devices: int = 1) -> AVSiamSpec:
   """The AVSiam spec of a config's `model` section (a ConfigDict or a plain dict), with its
-  attention implementation resolved for `num_devices` devices of `platform` (default: JAX's
-  default backend)."""
+  attention implementation and grad_boundaries resolved for `num_devices` devices of `platform`
+  (default: JAX's default backend)."""
   m = model
-  # The fields weights are tied to: every spec field but remat, scan and attention. The .get
-  # defaults serve the config.json of older run directories, which lack keys added since
-  # (configs/common.py defines them all).
+  # The fields weights are tied to: every spec field but remat, scan, attention and
+  # grad_boundaries. The .get defaults serve the config.json of older run directories, which
+  # lack keys added since (configs/common.py defines them all).
   tied = {f: m[row.key] if row.legacy is None else m.get(row.key, row.legacy)
           for f, row in signature.FIELDS.items() if row.key != "variant"}
   try:
@@ -242,9 +242,11 @@ def model_spec(model, platform: str | None = None, num_devices: int = 1) -> AVSi
 
 def with_model(spec: RunSpec, model: dict, from_weights: dict) -> RunSpec:
   """`spec` with another config.model section `model` (a plain dict), checked as `parse` checks
-  it; the attention implementation `spec` resolved for its devices stays. `from_weights`: where
-  the model fields came from (RunSpec.model_from_weights)."""
+  it; what `spec` resolved for its devices (attention, grad_boundaries) stays. `from_weights`:
+  where the model fields came from (RunSpec.model_from_weights)."""
   new = model_spec(dict(model, attention=spec.model.encoder.attention))
+  new = dataclasses.replace(new, encoder=dataclasses.replace(
+      new.encoder, grad_boundaries=spec.model.encoder.grad_boundaries))
   return dataclasses.replace(spec, model=new, variant=model["variant"],
                              source=dict(spec.source, model=model),
                              model_from_weights=from_weights)

@@ -12,7 +12,8 @@ key that sets it, and
   legacy  the value implied by records and config.json files written before the field existed
 
 Adding a model switch that weights depend on: a row here, the spec field, the config key.
-Fields outside the table (remat, scan, attention, dtype) are free: a run sets its own.
+Fields outside the table (remat, scan, attention, grad_boundaries, dtype) are free: a run sets
+its own.
 """
 from __future__ import annotations
 
