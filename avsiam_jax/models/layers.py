@@ -117,7 +117,8 @@ class Attention(nnx.Module):
 
 
 def dense_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, allowed_BxLxS=None):
-  """Softmax attention in (batch, heads, tokens, head_dim) layout, float32 logits and softmax;
+  """Softmax attention in (batch, heads, tokens, head_dim) layout, float32 logits and softmax
+  (16-bit inputs: the scores stored in 16 bits after their shift, see below);
   allowed_BxLxS: where a query may attend (None: everywhere; every query at least itself).
 
   Both products are batched over (b, h) with the scores' rows contiguous, and the softmax is
@@ -126,13 +127,23 @@ def dense_attention(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, allowed_BxLxS=None):
   """
   q = q_BxHxLxK * jnp.asarray(q_BxHxLxK.shape[-1] ** -0.5, q_BxHxLxK.dtype)
   logits = jnp.einsum("bhlk,bhsk->bhls", q, k_BxHxSxK, preferred_element_type=jnp.float32)
-  if allowed_BxLxS is not None:
-    logits = jnp.where(allowed_BxLxS[:, None], logits, -jnp.inf)
+  mask = (lambda t: t) if allowed_BxLxS is None else (
+      lambda t: jnp.where(allowed_BxLxS[:, None], t, -jnp.inf))
+  logits = mask(logits)
   # The max only keeps exp in range; the result does not depend on it.
-  e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+  if jnp.dtype(q.dtype).itemsize == 2:
+    # 16-bit inputs: the max from a 16-bit product, and the shifted scores rounded to 16 bits,
+    # so what is stored between the products is half the bytes. Rounding after the shift
+    # keeps the large scores (near 0) exact; exp of the coarse ones is small.
+    m = mask(jnp.einsum("bhlk,bhsk->bhls", q, k_BxHxSxK)).max(-1, keepdims=True)
+    shifted = (logits - jax.lax.stop_gradient(m.astype(jnp.float32))).astype(q.dtype)
+    e = jnp.exp(shifted.astype(jnp.float32)).astype(v_BxHxSxK.dtype)
+  else:
+    e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
   y = jnp.einsum("bhls,bhsk->bhlk", e.astype(v_BxHxSxK.dtype), v_BxHxSxK,
                  preferred_element_type=jnp.float32)
-  return (y / e.sum(-1, keepdims=True)).astype(v_BxHxSxK.dtype)
+  total = e.astype(jnp.float32).sum(-1, keepdims=True)
+  return (y / total).astype(v_BxHxSxK.dtype)
 
 
 # Scores per chunk of (batch, head) pairs in chunked attention: 4 MiB of float32 stays in a
