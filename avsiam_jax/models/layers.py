@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -67,11 +68,35 @@ class LayerNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+    return layer_norm(x, self.scale[...], self.bias[...], self.eps).astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps: float):
+  """LayerNorm over the last axis, in float32 (the result too). Its backward pass is the closed
+  form from x and the saved row statistics: the same gradients as differentiating the forward,
+  and the Base step 1.04x faster on a CPU (docs/benchmarks.md, "LayerNorm backward")."""
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  inv = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
+  return (x32 - mean) * inv * scale + bias, (x, mean, inv, scale)
+
+
+def _layer_norm_bwd(eps, res, g):
+  del eps
+  x, mean, inv, scale = res
+  xhat = (x.astype(jnp.float32) - mean) * inv
+  gs = g * scale
+  dx = inv * (gs - gs.mean(-1, keepdims=True) - xhat * (gs * xhat).mean(-1, keepdims=True))
+  rows = tuple(range(x.ndim - 1))
+  return dx.astype(x.dtype), (g * xhat).sum(rows), g.sum(rows)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class Dense(nnx.Module):
