@@ -25,7 +25,8 @@ PARTS = ("weight matmuls", "attention", "norms", "GELU", "bias + residual", "pat
 # transposes alone (and a scan's stacking); other: what no frame of ours names.
 # Innermost function of this project -> part (non-matmul work of a matmul's function: "bias").
 FUNCTIONS = {
-    "LayerNorm.__call__": "norms", "dense_attention": "attention",
+    "LayerNorm.__call__": "norms", "layer_norm": "norms", "_layer_norm_fwd": "norms",
+    "_layer_norm_bwd": "norms", "dense_attention": "attention",
     "chunked_attention": "attention", "segmented_attention": "attention",
     "cudnn_attention": "attention", "Mlp.__call__": "GELU", "Dense.__call__": "bias + residual",
     "Attention.__call__": "bias + residual", "Block.forward": "bias + residual",
@@ -44,6 +45,7 @@ MOVES = {"copy", "transpose", "bitcast", "reshape", "broadcast", "parameter", "c
 NOT_WORK = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1,
                 "f64": 8, "s64": 8, "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1}
+_NUMPY = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64"}
 _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
 
@@ -201,32 +203,71 @@ def as_module(program: "Module | str") -> Module:
   return program if isinstance(program, Module) else Module(program)
 
 
+def _executed(module: Module, comp: str = "", times: int = 1):
+  """(unfused instruction, runs per run of the entry) of every instruction that does work."""
+  for ins in module.comps.get(comp or module.entry, []):
+    if ins.op == "while":
+      body = re.search(r"body=%?([\w.\-]+)", ins.rest)
+      if body:
+        yield from _executed(module, body.group(1), times * _trip_count(ins))
+      continue
+    if ins.op in ("call", "conditional", "async-start"):
+      for c in module.called(ins):
+        yield from _executed(module, c, times)
+      continue
+    if ins.op not in NOT_WORK:
+      yield ins, times
+
+
+def _operands(ins: Instr) -> list[str]:
+  return re.findall(r"%([\w.\-]+)", ins.rest.split("), ", 1)[0])
+
+
 def static_costs(program: "Module | str") -> dict[str, dict[str, float]]:
   """{part: {"flops", "bytes"}} of one run of the program's entry computation."""
   module = as_module(program)
   out = collections.defaultdict(lambda: {"flops": 0.0, "bytes": 0.0})
-
-  def visit(comp: str, times: int):
-    for ins in module.comps.get(comp, []):
-      if ins.op == "while":
-        body = re.search(r"body=%?([\w.\-]+)", ins.rest)
-        if body:
-          visit(body.group(1), times * _trip_count(ins))
-        continue
-      if ins.op in ("call", "conditional", "async-start"):
-        for c in module.called(ins):
-          visit(c, times)
-        continue
-      if ins.op in NOT_WORK:
-        continue
-      part = part_of(module, ins)
-      operands = re.findall(r"%([\w.\-]+)", ins.rest.split("), ", 1)[0])
-      moved = _bytes(ins.shape) + sum(_bytes(module.instr[o].shape) for o in operands
-                                      if o in module.instr)
-      out[part]["bytes"] += times * moved
-      out[part]["flops"] += times * sum(dot_flops(module, i) for i in module.fused(ins))
-  visit(module.entry, 1)
+  for ins, times in _executed(module):
+    part = part_of(module, ins)
+    moved = _bytes(ins.shape) + sum(_bytes(module.instr[o].shape) for o in _operands(ins)
+                                    if o in module.instr)
+    out[part]["bytes"] += times * moved
+    out[part]["flops"] += times * sum(dot_flops(module, i) for i in module.fused(ins))
   return dict(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dot:
+  """One dot's operand dtype (numpy's name), shapes and dimension numbers, as
+  jax.lax.dot_general takes them."""
+  part: str
+  dtype: str
+  lhs: tuple[int, ...]
+  rhs: tuple[int, ...]
+  contracting: tuple[tuple[int, ...], tuple[int, ...]]
+  batch: tuple[tuple[int, ...], tuple[int, ...]]
+
+  @property
+  def flops(self) -> int:
+    shared = math.prod(self.lhs[i] for i in self.contracting[0] + self.batch[0])
+    return 2 * math.prod(self.lhs) * math.prod(self.rhs) // shared
+
+
+def dots(program: "Module | str") -> collections.Counter:
+  """{Dot: runs per run of the entry} of every dot the program executes (fused ones too)."""
+  module = as_module(program)
+  out = collections.Counter()
+  dims = lambda key, ins: tuple(int(d) for d in re.search(
+      key + r"=\{([\d,]*)\}", ins.rest).group(1).split(",") if d) if key in ins.rest else ()
+  for ins, times in _executed(module):
+    for dot in (i for i in module.fused(ins) if i.op == "dot"):
+      names = _operands(dot)[:2]
+      lhs, rhs = (_dims(module, o) for o in names)
+      dtype = _SHAPE.findall(module.instr[names[0]].shape)[0][0]
+      out[Dot(part_of(module, ins), _NUMPY.get(dtype, dtype), tuple(lhs), tuple(rhs),
+              (dims("lhs_contracting_dims", dot), dims("rhs_contracting_dims", dot)),
+              (dims("lhs_batch_dims", dot), dims("rhs_batch_dims", dot)))] += times
+  return out
 
 
 def trace_times(trace_dir: str, program: "Module | str"

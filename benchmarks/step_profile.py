@@ -7,7 +7,8 @@ timed (one warm-up, then --steps), and one more step is traced with jax.profiler
 XLA operation is charged to the part of the model it computes (benchmarks/hlo_breakdown.py:
 weight matmuls, attention, norms, GELU, bias + residual, patches, masking + packing, losses,
 optimizer, layout copies), in busy thread-seconds. Beside it: the step's GFLOP/s against this
-machine's float32 matmul rate measured in the same run.
+machine's float32 matmul rate measured in the same run, and its ceiling: every dot of the step
+run alone at its shapes, as often as the step runs it.
 
 --topology: the same step compiled for that TPU slice (libtpu, no TPU needed; bfloat16, the
 paper's per-chip batch, --scan/--remat as given), broken down by FLOPs and bytes per part from
@@ -35,6 +36,24 @@ from benchmarks.report import command, write_section  # noqa: E402
 from configs import base  # noqa: E402
 
 
+def dots_alone(module: hlo_breakdown.Module, repeats: int = 3) -> dict[str, tuple[float, float]]:
+  """{part: (seconds, FLOPs)} of the step's dots each run alone at its shapes (jitted, best of
+  `repeats`) times how often the step runs it: what the matmuls cost with nothing else."""
+  out = {}
+  for d, n in hlo_breakdown.dots(module).items():
+    fn = jax.jit(lambda a, b, d=d: jax.lax.dot_general(a, b, (d.contracting, d.batch)))
+    a, b = (jax.random.normal(jax.random.key(i), s, d.dtype) for i, s in enumerate((d.lhs, d.rhs)))
+    jax.block_until_ready(fn(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(a, b))
+      best = min(best, time.perf_counter() - t0)
+    s, f = out.get(d.part, (0.0, 0.0))
+    out[d.part] = (s + n * best, f + n * d.flops)
+  return out
+
+
 def cpu_profile(name: str, batch: int, steps: int) -> tuple[list[str], dict]:
   config = pretrain_step.make_config(name, batch, None)
   mesh = sharding.make_mesh(parse(config, jax.device_count()).mesh)
@@ -60,10 +79,16 @@ def cpu_profile(name: str, batch: int, steps: int) -> tuple[list[str], dict]:
     traced_s = time.perf_counter() - t0
     jax.profiler.stop_trace()
     parts, busy = hlo_breakdown.trace_times(trace, module)
+  alone = dots_alone(module)
   rate = max(before, pretrain_step.matmul_gflops())  # before and after: the less disturbed
   step_s = min(times)
   achieved = step_flops / step_s / 1e9
   total = sum(parts.values())
+  alone_s = sum(t for t, _ in alone.values())
+  alone_rate = sum(f for _, f in alone.values()) / alone_s / 1e9
+  by_part = ", ".join(f"{part} {t:.2f} s at {f / t / 1e9 / rate:.0%} of the rate"
+                      for part, (t, f) in sorted(alone.items(), key=lambda kv: -kv[1][0])
+                      if t > 0.05)
   lines = [f"CPU: {name}, batch {batch}, float32, attention {spec.model.encoder.attention}, "
            f"{os.cpu_count()} CPUs. Step {step_s:.2f} s (fastest of {steps}; traced step "
            f"{traced_s:.2f} s); {step_flops / 1e12:.2f} TFLOP per step (dots, loops times their "
@@ -71,6 +96,11 @@ def cpu_profile(name: str, batch: int, steps: int) -> tuple[list[str], dict]:
            f"{achieved / rate:.0%} of the {rate:.0f} GFLOP/s** float32 matmul rate measured "
            f"in this run ({pretrain_step.MATMUL_N}^3, jitted, best of 5 before and 5 after the "
            "steps).", "",
+           f"Ceiling: the step's {len(hlo_breakdown.dots(module))} distinct dots, each run alone "
+           f"at its shapes (jitted, best of 3) as often as the step runs it, take "
+           f"**{alone_s:.2f} s, {alone_rate / rate:.0%} of the matmul rate** ({by_part}); the "
+           f"other work adds {step_s - alone_s:.2f} s ({(step_s - alone_s) / step_s:.0%} of the "
+           "step).", "",
            "| part | busy thread-s | share | GFLOP | GB moved |", "|---|---|---|---|---|"]
   for part in hlo_breakdown.PARTS:
     if part in parts or part in static:
@@ -81,7 +111,8 @@ def cpu_profile(name: str, batch: int, steps: int) -> tuple[list[str], dict]:
   span = sum(busy.values())
   lines += ["", "Threads busy during the traced step: " + ", ".join(
       f"{k} for {v / span:.0%}" for k, v in sorted(busy.items())) + " of the time."]
-  return lines, {"step_s": step_s, "gflops": achieved, "matmul_gflops": rate}
+  return lines, {"step_s": step_s, "gflops": achieved, "matmul_gflops": rate,
+                 "dots_alone_s": alone_s}
 
 
 def tpu_profile(topology: str, scan: bool, remat: str) -> list[str]:

@@ -1,6 +1,8 @@
 """benchmarks/hlo_breakdown.py: a compiled program's FLOPs and bytes by part of the model,
 against the analytic matmul counts of a small block stack (forward and backward, unrolled and
 scanned)."""
+import math
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -57,3 +59,21 @@ def test_copies_and_frames():
   module = hlo_breakdown.Module(text)
   dots = [i for i in module.instr.values() if i.op == "dot"]
   assert dots and all(any("layers.py" in path for path, _ in module.stack(i)) for i in dots)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_dots_rebuild_the_matmul_counts(scan):
+  """Every executed dot with its shapes and how often it runs: their FLOPs per part add up to
+  the analytic counts, forward and backward, and each rebuilds as a jax.lax.dot_general."""
+  for grad, times in ((False, 1), (True, 3)):
+    dots = hlo_breakdown.dots(stack_program(scan, grad=grad))
+    flops = {part: sum(d.flops * n for d, n in dots.items() if d.part == part)
+             for part in ("weight matmuls", "attention")}
+    assert flops == {"weight matmuls": times * DEPTH * WEIGHT,
+                     "attention": times * DEPTH * ATTENTION}
+  for d in dots:
+    out = jax.eval_shape(lambda a, b: jax.lax.dot_general(a, b, (d.contracting, d.batch)),
+                         jnp.zeros(d.lhs), jnp.zeros(d.rhs))
+    assert d.dtype == "float32"
+    contracted = math.prod(d.lhs[i] for i in d.contracting[0])
+    assert d.flops == 2 * out.size * contracted
