@@ -63,17 +63,21 @@ def flops(compiled) -> float:
   return float(utils.cost_of(compiled)["flops"])
 
 
-def matmul_gflops(n: int = MATMUL_N, repeats: int = 5) -> float:
-  """This machine's float32 matmul rate now: a jitted (n, n) @ (n, n), best of `repeats`."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  jax.block_until_ready(matmul(a, a))
+def fastest_s(fn, *args, repeats: int = 5) -> float:
+  """Seconds of the fastest of `repeats` calls of fn(*args), after one warm-up call."""
+  jax.block_until_ready(fn(*args))
   best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()
-    jax.block_until_ready(matmul(a, a))
+    jax.block_until_ready(fn(*args))
     best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best / 1e9
+  return best
+
+
+def matmul_gflops(n: int = MATMUL_N, repeats: int = 5) -> float:
+  """This machine's float32 matmul rate now: a jitted (n, n) @ (n, n), best of `repeats`."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  return 2 * n ** 3 / fastest_s(jax.jit(jnp.matmul), a, a, repeats=repeats) / 1e9
 
 
 def random_batch(config, sharded):

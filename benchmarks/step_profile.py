@@ -36,21 +36,16 @@ from benchmarks.report import command, write_section  # noqa: E402
 from configs import base  # noqa: E402
 
 
-def dots_alone(module: hlo_breakdown.Module, repeats: int = 3) -> dict[str, tuple[float, float]]:
-  """{part: (seconds, FLOPs)} of the step's dots each run alone at its shapes (jitted, best of
-  `repeats`) times how often the step runs it: what the matmuls cost with nothing else."""
+def dots_alone(dots: dict, repeats: int = 3) -> dict[str, tuple[float, float]]:
+  """{part: (seconds, FLOPs)} of a step's dots (hlo_breakdown.dots) each run alone at its
+  shapes (jitted, best of `repeats`) times how often the step runs it: what the matmuls cost
+  with nothing else."""
   out = {}
-  for d, n in hlo_breakdown.dots(module).items():
+  for d, n in dots.items():
     fn = jax.jit(lambda a, b, d=d: jax.lax.dot_general(a, b, (d.contracting, d.batch)))
     a, b = (jax.random.normal(jax.random.key(i), s, d.dtype) for i, s in enumerate((d.lhs, d.rhs)))
-    jax.block_until_ready(fn(a, b))
-    best = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(a, b))
-      best = min(best, time.perf_counter() - t0)
     s, f = out.get(d.part, (0.0, 0.0))
-    out[d.part] = (s + n * best, f + n * d.flops)
+    out[d.part] = (s + n * pretrain_step.fastest_s(fn, a, b, repeats=repeats), f + n * d.flops)
   return out
 
 
@@ -79,7 +74,8 @@ def cpu_profile(name: str, batch: int, steps: int) -> tuple[list[str], dict]:
     traced_s = time.perf_counter() - t0
     jax.profiler.stop_trace()
     parts, busy = hlo_breakdown.trace_times(trace, module)
-  alone = dots_alone(module)
+  dots = hlo_breakdown.dots(module)
+  alone = dots_alone(dots)
   rate = max(before, pretrain_step.matmul_gflops())  # before and after: the less disturbed
   step_s = min(times)
   achieved = step_flops / step_s / 1e9
@@ -96,7 +92,7 @@ def cpu_profile(name: str, batch: int, steps: int) -> tuple[list[str], dict]:
            f"{achieved / rate:.0%} of the {rate:.0f} GFLOP/s** float32 matmul rate measured "
            f"in this run ({pretrain_step.MATMUL_N}^3, jitted, best of 5 before and 5 after the "
            "steps).", "",
-           f"Ceiling: the step's {len(hlo_breakdown.dots(module))} distinct dots, each run alone "
+           f"Ceiling: the step's {len(dots)} distinct dots, each run alone "
            f"at its shapes (jitted, best of 3) as often as the step runs it, take "
            f"**{alone_s:.2f} s, {alone_rate / rate:.0%} of the matmul rate** ({by_part}); the "
            f"other work adds {step_s - alone_s:.2f} s ({(step_s - alone_s) / step_s:.0%} of the "
@@ -111,8 +107,7 @@ def cpu_profile(name: str, batch: int, steps: int) -> tuple[list[str], dict]:
   span = sum(busy.values())
   lines += ["", "Threads busy during the traced step: " + ", ".join(
       f"{k} for {v / span:.0%}" for k, v in sorted(busy.items())) + " of the time."]
-  return lines, {"step_s": step_s, "gflops": achieved, "matmul_gflops": rate,
-                 "dots_alone_s": alone_s}
+  return lines, {"step_s": step_s, "gflops": achieved, "matmul_gflops": rate}
 
 
 def tpu_profile(topology: str, scan: bool, remat: str) -> list[str]:
